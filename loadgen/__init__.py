@@ -1,0 +1,1 @@
+"""Load generator: arrivals, WebRTC/HTTP clients, per-frame metrics, JSON and plots."""

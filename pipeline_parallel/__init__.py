@@ -1,0 +1,1 @@
+"""Pipeline parallelism: process groups, activation transport, ring schedule, executors."""

@@ -1,0 +1,1 @@
+"""Engine loop, SLO-aware batching, admission, cost model, block scheduler, simulator."""

@@ -1,0 +1,1 @@
+"""HTTP/WebRTC server, sessions, pacing, metrics and the `rollcast` command line."""

@@ -1,0 +1,235 @@
+"""Rolling self-attention KV cache: preallocated ring buffers with never-evicted sink frames.
+
+Layout of one session's cache (a *row* of the pool), per layer, in latent frames:
+
+    slot:   0 .. sink-1          | sink .. sink+window-1
+    holds:  frames 0 .. sink-1   | frame f >= sink lives in slot sink + (f - sink) % window
+
+A block writes its frames' slots *before* attending, so the frames it overwrites are exactly the
+ones that left the window, re-denoising the same block overwrites the same slots, and a query
+attends to every valid slot (sink + the `window` most recent frames, itself included). Slot
+order does not matter to attention: positions travel with the keys (baked RoPE) or are given to
+them at attention time (late RoPE). A per-slot frame index (-1 = empty) gives the validity mask
+and the late-RoPE positions, so rows at different stream positions batch in one static-shape
+attention call. Everything per step is a device op; no host sync.
+
+The pool is preallocated for `rows` sessions, so a session start allocates nothing and a session
+end frees a row, never device memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rollcast.workers.cache_policy import CachePolicy
+from rollcast.workers.rope import Rope3D, apply_rope
+
+
+class CacheFullError(RuntimeError):
+    """No free row in the KV cache pool."""
+
+
+class KVCachePool:
+    """K/V ring buffers for `rows` sessions over the layers `layers` (global numbering)."""
+
+    def __init__(
+        self,
+        *,
+        layers: range,
+        rows: int,
+        policy: CachePolicy,
+        tokens_per_frame: int,
+        num_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if rows < 1:
+            raise ValueError(f"KV cache pool needs at least one row, got {rows}")
+        self.layers = layers
+        self.rows = rows
+        self.policy = policy
+        self.tokens_per_frame = tokens_per_frame
+        self.capacity = policy.capacity_frames
+        shape = (len(layers), rows, self.capacity * tokens_per_frame, num_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Absolute frame index held by each slot, per layer (sink refresh decides per layer).
+        self.slot_frame = torch.full(
+            (len(layers), rows, self.capacity), -1, dtype=torch.long, device=device
+        )
+        # Slot the current 1-frame block writes, fixed at its first step (sink refresh only).
+        self.block_slot = torch.zeros((len(layers), rows), dtype=torch.long, device=device)
+        self._free = list(range(rows - 1, -1, -1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise CacheFullError(f"all {self.rows} KV cache rows are in use")
+        row = self._free.pop()
+        self.reset_row(row)
+        return row
+
+    def release(self, row: int) -> None:
+        if row in self._free or not 0 <= row < self.rows:
+            raise ValueError(f"KV cache row {row} is not allocated")
+        self.reset_row(row)
+        self._free.append(row)
+
+    def reset_row(self, row: int) -> None:
+        """Forget every frame of one session (the buffers are masked, not cleared)."""
+        self.slot_frame[:, row] = -1
+
+    def slot_of(self, frame: int) -> int:
+        sink, window = self.policy.sink_frames, self.policy.window_frames
+        return frame if frame < sink else sink + (frame - sink) % window
+
+    def batch(
+        self,
+        *,
+        rows: list[int],
+        frame_starts: list[int],
+        num_frames: int,
+        rope_starts: list[int],
+        new_block: list[bool],
+        grid_hw: tuple[int, int],
+        rope: Rope3D,
+    ) -> KVBatch:
+        """Metadata for one forward that writes frames [start, start + num_frames) of each row."""
+        dev = self.device
+        t = self.tokens_per_frame
+        frames = [[s + i for i in range(num_frames)] for s in frame_starts]
+        slots = [[self.slot_of(f) for f in fs] for fs in frames]
+        rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
+        write_frame = torch.tensor(frames, dtype=torch.long, device=dev)
+        write_slot = torch.tensor(slots, dtype=torch.long, device=dev)
+        sink, window = self.policy.sink_frames, self.policy.window_frames
+        late = self.policy.rope == "late"
+        if late:
+            # Window-relative positions: sink at 0..sink-1, then the window in frame order.
+            first_win = [max(sink, s + num_frames - window) for s in frame_starts]
+            q_pos = [[f if f < sink else sink + f - fw for f in fs] for fs, fw in zip(frames, first_win, strict=True)]
+        else:
+            q_pos = [[r + i for i in range(num_frames)] for r in rope_starts]
+        q_cos, q_sin = rope.cos_sin(torch.tensor(q_pos, device=dev), *grid_hw)
+        k_cos = k_sin = None
+        if late:
+            after = self.slot_frame[0].index_select(0, rows_t).scatter(1, write_slot, write_frame)
+            slot_idx = torch.arange(self.capacity, device=dev)[None]
+            fw = torch.tensor(first_win, dtype=torch.long, device=dev)[:, None]
+            k_pos = torch.where(slot_idx < sink, slot_idx, sink + after - fw).clamp_min(0)
+            k_cos, k_sin = rope.cos_sin(k_pos, *grid_hw)
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        offs = torch.arange(t, device=dev)
+        return KVBatch(
+            pool=self,
+            rows=rows_t,
+            row_slice=slice(rows[0], rows[0] + len(rows)) if contiguous else None,
+            write_slot=write_slot,
+            write_tok=(write_slot[..., None] * t + offs).flatten(1),
+            write_frame=write_frame,
+            new_block=torch.tensor(new_block, dtype=torch.bool, device=dev),
+            q_cos=q_cos,
+            q_sin=q_sin,
+            k_cos=k_cos,
+            k_sin=k_sin,
+        )
+
+
+@dataclass
+class KVBatch:
+    """One forward's view of the pool: which rows, which slots it writes, RoPE for q and k."""
+
+    pool: KVCachePool
+    rows: Tensor  # [B]
+    row_slice: slice | None  # rows as a contiguous range: read through views, no gather
+    write_slot: Tensor  # [B, F]
+    write_tok: Tensor  # [B, F*T] token offsets inside a row
+    write_frame: Tensor  # [B, F]
+    new_block: Tensor  # [B] first forward of a new block (sink refresh decides then)
+    q_cos: Tensor
+    q_sin: Tensor
+    k_cos: Tensor | None  # late RoPE: angles for every cache slot [B, C*T, 1, D/2]
+    k_sin: Tensor | None
+
+    def _rows(self, buf: Tensor) -> Tensor:
+        return buf[self.row_slice] if self.row_slice is not None else buf.index_select(0, self.rows)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Write this block's K/V into the cache, then attend over the session's valid slots.
+
+        q, k, v: [B, F*T, H, D] after the q/k RMSNorm, before RoPE. Returns [B, F*T, H, D].
+        """
+        pool = self.pool
+        li = layer - pool.layers.start
+        late = pool.policy.rope == "late"
+        q = apply_rope(q, self.q_cos, self.q_sin)
+        if not late:
+            k = apply_rope(k, self.q_cos, self.q_sin)
+        self._write(li, k, v)
+        kc, vc = self._rows(pool.k[li]), self._rows(pool.v[li])
+        if late:
+            kc = apply_rope(kc, self.k_cos, self.k_sin)  # type: ignore[arg-type]
+        valid = self._rows(pool.slot_frame[li]) >= 0  # [B, C]
+        b, c = valid.shape
+        mask = valid[:, :, None].expand(b, c, pool.tokens_per_frame).reshape(b, 1, 1, -1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=mask
+        )
+        return out.transpose(1, 2)
+
+    def _write(self, li: int, k: Tensor, v: Tensor) -> None:
+        pool = self.pool
+        slots = self.write_slot
+        tok = self.write_tok
+        if pool.policy.sink_refresh_threshold is not None:
+            slots = self._refresh_slots(li, k, v)
+            tok = slots * pool.tokens_per_frame + torch.arange(pool.tokens_per_frame, device=slots.device)
+        idx = (self.rows[:, None], tok)
+        pool.k[li].index_put_(idx, k.to(pool.k.dtype))
+        pool.v[li].index_put_(idx, v.to(pool.v.dtype))
+        pool.slot_frame[li].index_put_((self.rows[:, None], slots), self.write_frame)
+
+    def _refresh_slots(self, li: int, k: Tensor, v: Tensor) -> Tensor:
+        """StreamDiffusionV2 adaptive sink: a new frame unlike some sink frame replaces it.
+
+        Decided once per block (its first forward); later steps of the block write the same slot.
+        """
+        pool = self.pool
+        sink, t = pool.policy.sink_frames, pool.tokens_per_frame
+        rows = self.rows
+        ks = pool.k[li].index_select(0, rows)[:, : sink * t].unflatten(1, (sink, t)).flatten(3)
+        vs = pool.v[li].index_select(0, rows)[:, : sink * t].unflatten(1, (sink, t)).flatten(3)
+        k_new = k.float().flatten(2).mean(1)[:, None]  # [B, 1, H*D]
+        v_new = v.float().flatten(2).mean(1)[:, None]
+        sim = 0.5 * (
+            F.cosine_similarity(k_new, ks.float().mean(2), dim=-1)
+            + F.cosine_similarity(v_new, vs.float().mean(2), dim=-1)
+        )  # [B, sink]
+        min_sim, least = sim.min(dim=1)
+        sink_full = pool.slot_frame[li].index_select(0, rows)[:, sink - 1] >= 0
+        past_sink = self.write_frame[:, 0] >= sink
+        refresh = (
+            self.new_block & sink_full & past_sink
+            & (min_sim < pool.policy.sink_refresh_threshold)  # type: ignore[operator]
+        )
+        chosen = torch.where(refresh, least, self.write_slot[:, 0])
+        current = pool.block_slot[li].index_select(0, rows)
+        decided = torch.where(self.new_block, chosen, current)
+        pool.block_slot[li].index_put_((rows,), decided)
+        return decided[:, None]
