@@ -103,29 +103,34 @@ class KVCachePool:
         self,
         *,
         rows: list[int],
-        frame_starts: list[int],
-        num_frames: int,
-        rope_starts: list[int],
+        frames: list[list[int]],
+        rope_positions: list[list[int]],
         new_block: list[bool],
         grid_hw: tuple[int, int],
         rope: Rope3D,
     ) -> KVBatch:
-        """Metadata for one forward that writes frames [start, start + num_frames) of each row."""
+        """Metadata for one forward that writes the latent `frames` of each row.
+
+        `rope_positions` are the frames' positions for baked RoPE (absolute, or reset by the
+        policy); late RoPE ignores them and uses window-relative positions.
+        """
         dev = self.device
         t = self.tokens_per_frame
-        frames = [[s + i for i in range(num_frames)] for s in frame_starts]
         slots = [[self.slot_of(f) for f in fs] for fs in frames]
+        if any(len(set(sl)) != len(sl) for sl in slots):
+            raise ValueError(f"a forward of {len(slots[0])} frames does not fit a cache of "
+                             f"{self.policy.sink_frames} sink + {self.policy.window_frames} window frames")
         rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
         write_frame = torch.tensor(frames, dtype=torch.long, device=dev)
         write_slot = torch.tensor(slots, dtype=torch.long, device=dev)
         sink, window = self.policy.sink_frames, self.policy.window_frames
         late = self.policy.rope == "late"
+        q_pos = rope_positions
         if late:
             # Window-relative positions: sink at 0..sink-1, then the window in frame order.
-            first_win = [max(sink, s + num_frames - window) for s in frame_starts]
-            q_pos = [[f if f < sink else sink + f - fw for f in fs] for fs, fw in zip(frames, first_win, strict=True)]
-        else:
-            q_pos = [[r + i for i in range(num_frames)] for r in rope_starts]
+            first_win = [max(sink, fs[-1] + 1 - window) for fs in frames]
+            q_pos = [[f if f < sink else sink + f - fw for f in fs]
+                     for fs, fw in zip(frames, first_win, strict=True)]
         q_cos, q_sin = rope.cos_sin(torch.tensor(q_pos, device=dev), *grid_hw)
         k_cos = k_sin = None
         if late:

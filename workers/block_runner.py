@@ -1,0 +1,205 @@
+"""The model runner: executes one forward for a micro-batch of sessions' block-steps.
+
+A block of F latent frames takes K denoising steps (one forward each), then, under the
+Self-Forcing policy, a clean t=0 context pass that rewrites the block's K/V. Each call to `run`
+advances every given session by exactly one forward; sessions at different blocks, steps and
+stream positions batch together as long as their forwards have the same shape (`bucket`).
+The caller (the engine) decides which sessions run together; this class owns the tensors.
+
+Noise is drawn from each session's own generator, so a session's frames do not depend on what
+it was batched with.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rollcast.workers.causal_wan import CausalWanModel
+from rollcast.workers.kv_cache import KVCachePool
+from rollcast.workers.prompt_kv import PromptBatch, PromptKV
+from rollcast.workers.sampler import FlowMatchSampler
+from rollcast.workers.stream_state import StreamState, Work
+
+
+class BlockRunner:
+    def __init__(
+        self,
+        model: CausalWanModel,
+        pool: KVCachePool,
+        sampler: FlowMatchSampler,
+        *,
+        latent_hw: tuple[int, int],
+        frames_per_block: int | None = None,
+    ) -> None:
+        cfg = model.config
+        self.model = model
+        self.pool = pool
+        self.policy = pool.policy
+        self.sampler = sampler
+        self.frames_per_block = frames_per_block or cfg.frames_per_block
+        self.policy.validate_block(self.frames_per_block)
+        h, w = latent_hw
+        if h % cfg.patch_size[1] or w % cfg.patch_size[2]:
+            raise ValueError(f"latent size {h}x{w} does not divide by the patch {cfg.patch_size}")
+        self.latent_hw = latent_hw
+        self.grid_hw = (h // cfg.patch_size[1], w // cfg.patch_size[2])
+        if self.grid_hw[0] * self.grid_hw[1] != pool.tokens_per_frame:
+            raise ValueError(f"KV pool holds {pool.tokens_per_frame} tokens per frame, latent "
+                             f"{h}x{w} has {self.grid_hw[0] * self.grid_hw[1]}")
+        self.block_shape = (cfg.in_dim, self.frames_per_block, h, w)
+        self.device = pool.device
+
+    # -- session lifecycle --------------------------------------------------------------------
+
+    def open(self, session_id: str, prompt: PromptKV, *, seed: int,
+             num_steps: int | None = None) -> StreamState:
+        row = self.pool.allocate()
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        clean = None
+        if self.policy.recache_on_prompt_switch:
+            c, _, h, w = self.block_shape
+            clean = torch.zeros(c, self.pool.capacity, h, w, device=self.device)
+        return StreamState(
+            session_id=session_id, row=row, prompt=prompt, generator=gen,
+            timesteps=self.sampler.timesteps(num_steps),
+            slot_rope=[0] * self.pool.capacity, clean=clean,
+        )
+
+    def close(self, state: StreamState) -> None:
+        """Free the session's cache row; its tensors go with the state object."""
+        self.pool.release(state.row)
+        state.latent = state.clean = None
+
+    def set_prompt(self, state: StreamState, prompt: PromptKV) -> None:
+        """Switch prompt at the next block boundary (re-caching first if the policy says so)."""
+        state.pending_prompt = prompt
+        if self.policy.recache_on_prompt_switch and state.frames_done > 0:
+            state.recache_pending = not state.in_block
+
+    def set_num_steps(self, state: StreamState, num_steps: int) -> None:
+        """Change the denoising steps (degradation/recovery) from the next block on."""
+        state.pending_timesteps = self.sampler.timesteps(num_steps)
+
+    def bucket(self, state: StreamState) -> tuple[str, int]:
+        """Sessions whose forwards share a shape: (kind, latent frames in the forward)."""
+        work = state.next_work
+        if work is Work.RECACHE:
+            return work.value, len(self._recache_frames(state))
+        return "block", self.frames_per_block
+
+    # -- one forward ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, states: list[StreamState]) -> list[Tensor | None]:
+        """One forward for every session; returns each finished block's clean latents x0
+        [C, F, h, w] (None for sessions whose block is still in progress)."""
+        if not states:
+            return []
+        buckets = {self.bucket(s) for s in states}
+        if len(buckets) != 1:
+            raise ValueError(f"sessions of different forward shapes in one batch: {buckets}")
+        if len({s.row for s in states}) != len(states):
+            raise ValueError("a session appears twice in one batch")
+        if states[0].next_work is Work.RECACHE:
+            self._recache(states)
+            return [None] * len(states)
+        return self._block_step(states)
+
+    def _block_step(self, states: list[StreamState]) -> list[Tensor | None]:
+        f = self.frames_per_block
+        works = [s.next_work for s in states]
+        new_block = [w is Work.DENOISE and s.step == 0 for s, w in zip(states, works, strict=True)]
+        for s, is_new in zip(states, new_block, strict=True):
+            if is_new:
+                self._start_block(s)
+        ts = [0.0 if w is Work.CONTEXT else s.timesteps[s.step]
+              for s, w in zip(states, works, strict=True)]
+        x = torch.stack([s.latent for s in states])  # type: ignore[misc]
+        t = torch.tensor(ts, device=self.device)[:, None].expand(-1, f)
+        kv = self.pool.batch(
+            rows=[s.row for s in states],
+            frames=[list(range(s.frames_done, s.frames_done + f)) for s in states],
+            rope_positions=[list(range(s.block_rope_start, s.block_rope_start + f)) for s in states],
+            new_block=new_block, grid_hw=self.grid_hw, rope=self.model.rope,
+        )
+        v = self.model(x, t, PromptBatch.stack([s.prompt for s in states]), kv.attend)
+        sig = torch.tensor([self.sampler.sigma(ti) for ti in ts], device=self.device)
+        x0 = self.sampler.to_x0(x, v, sig.view(-1, 1, 1, 1, 1))
+        outputs: list[Tensor | None] = []
+        for s, w, x0_i in zip(states, works, x0.unbind(0), strict=True):
+            outputs.append(self._advance(s, w, x0_i))
+        return outputs
+
+    def _start_block(self, s: StreamState) -> None:
+        if s.pending_prompt is not None:
+            s.prompt, s.pending_prompt = s.pending_prompt, None
+        if s.pending_timesteps is not None:
+            s.timesteps, s.pending_timesteps = s.pending_timesteps, None
+        start = s.rope_next
+        reset = self.policy.rope_reset_frames
+        if reset is not None and start >= reset:
+            start = self.pool.capacity - self.frames_per_block
+        s.block_rope_start = start
+        if s.latent is None:
+            s.latent = torch.randn(self.block_shape, generator=s.generator, device=self.device)
+
+    def _advance(self, s: StreamState, work: Work, x0: Tensor) -> Tensor | None:
+        if work is Work.CONTEXT:
+            self._finish_block(s, s.latent)  # type: ignore[arg-type]
+            return None
+        nxt = s.step + 1
+        if nxt < len(s.timesteps):
+            sigma = self.sampler.sigma(s.timesteps[nxt])
+            noise = torch.randn(x0.shape, generator=s.generator, device=self.device)
+            s.latent = self.sampler.add_noise(x0, noise, sigma)
+            s.step = nxt
+            return None
+        if self.policy.context_pass:
+            s.latent, s.step = x0, nxt
+        else:
+            self._finish_block(s, x0)
+        return x0
+
+    def _finish_block(self, s: StreamState, x0: Tensor) -> None:
+        f = self.frames_per_block
+        for i in range(f):
+            slot = self.pool.slot_of(s.frames_done + i)
+            s.slot_rope[slot] = s.block_rope_start + i
+            if s.clean is not None:
+                s.clean[:, slot] = x0[:, i]
+        s.frames_done += f
+        s.rope_next = s.block_rope_start + f
+        s.step, s.latent = 0, None
+        if s.pending_prompt is not None and self.policy.recache_on_prompt_switch:
+            s.recache_pending = True
+
+    # -- LongLive re-cache ----------------------------------------------------------------
+
+    def _recache_frames(self, s: StreamState) -> list[int]:
+        n = s.frames_done
+        sink, window = self.policy.sink_frames, self.policy.window_frames
+        recent = list(range(max(sink, n - window), n))
+        if self.policy.keep_sink_on_recache:
+            return recent
+        return list(range(min(sink, n))) + recent
+
+    def _recache(self, states: list[StreamState]) -> None:
+        """One t=0 forward over each session's cached frames with its new prompt, rewriting their
+        K/V (the frames attend to the sink and to each other)."""
+        frames = [self._recache_frames(s) for s in states]
+        slots = [[self.pool.slot_of(fr) for fr in fs] for fs in frames]
+        for s in states:
+            if s.pending_prompt is not None:
+                s.prompt, s.pending_prompt = s.pending_prompt, None
+        x = torch.stack([s.clean[:, sl] for s, sl in zip(states, slots, strict=True)])  # type: ignore[index]
+        t = torch.zeros(x.shape[0], x.shape[2], device=self.device)
+        kv = self.pool.batch(
+            rows=[s.row for s in states], frames=frames,
+            rope_positions=[[s.slot_rope[i] for i in sl] for s, sl in zip(states, slots, strict=True)],
+            new_block=[False] * len(states), grid_hw=self.grid_hw, rope=self.model.rope,
+        )
+        self.model(x, t, PromptBatch.stack([s.prompt for s in states]), kv.attend)
+        for s in states:
+            s.recache_pending = False

@@ -1,0 +1,53 @@
+"""Per-session tensors and counters a worker holds for one live stream."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from rollcast.workers.prompt_kv import PromptKV
+
+
+class Work(enum.Enum):
+    """What a session's next forward is."""
+
+    DENOISE = "denoise"  # one denoising step of the current block
+    CONTEXT = "context"  # Self-Forcing clean pass: the finished block again at t=0
+    RECACHE = "recache"  # LongLive: the cached frames again at t=0 with the new prompt
+
+
+@dataclass
+class StreamState:
+    session_id: str
+    row: int  # KV cache pool row
+    prompt: PromptKV
+    generator: torch.Generator
+    timesteps: list[float]
+    frames_done: int = 0  # latent frames finished and committed to the cache
+    rope_next: int = 0  # RoPE position of the next block's first frame (baked policies)
+    step: int = 0  # next denoising step of the current block
+    block_rope_start: int = 0
+    latent: Tensor | None = None  # x_t of the current block [C, F, h, w]; x0 before CONTEXT
+    # Changes that take effect at the next block boundary, so a block never mixes prompts.
+    pending_prompt: PromptKV | None = None
+    pending_timesteps: list[float] | None = None
+    recache_pending: bool = False
+    # RoPE position of the frame in each cache slot (host copy, for re-caching).
+    slot_rope: list[int] = field(default_factory=list)
+    # Clean latents by cache slot [C, capacity, h, w]; only kept by re-caching policies.
+    clean: Tensor | None = None
+
+    @property
+    def next_work(self) -> Work:
+        if self.recache_pending:
+            return Work.RECACHE
+        if self.step == len(self.timesteps):
+            return Work.CONTEXT
+        return Work.DENOISE
+
+    @property
+    def in_block(self) -> bool:
+        return self.step > 0 or self.latent is not None
