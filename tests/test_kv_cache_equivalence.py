@@ -61,7 +61,6 @@ def test_rolled_window_equals_sink_plus_window_reference(model, rope, fpb, sink,
 
 def test_late_rope_has_no_position_limit(model):
     """Late RoPE keeps window-relative positions, so frame 2000 is like frame 20."""
-    fpb = 1
     policy = CachePolicy("t", sink_frames=1, window_frames=2, rope="late")
     pool = make_pool(model, policy)
     x, t, prompts = inputs(model, 1, 3, seed=5)

@@ -4,12 +4,13 @@ A policy says which frames the self-attention cache keeps, where RoPE positions 
 forwards write it and what a prompt switch does. The mechanics (ring buffers, writes, attention)
 live in `kv_cache.py`; the per-block bookkeeping in `stream_state.py`.
 
-| policy             | kept K/V                   | RoPE                   | writes                  | prompt switch |
-|--------------------|----------------------------|------------------------|-------------------------|---------------|
-| self-forcing       | sink + window, clean       | baked (absolute)       | every step + t=0 pass   | cross-attn reset |
-| streamdiffusionv2  | sink + window, noisy       | baked, reset every 50  | every step, no t=0 pass | cross-attn reset |
-|                    | adaptive sink refresh      | frames                 |                         |               |
-| longlive           | frame sink + short window  | baked (absolute)       | every step + t=0 pass   | re-cache window with new prompt |
+- self-forcing: sink + window of clean K/V; RoPE baked at absolute positions; every denoising
+  step writes the block's slots and a t=0 context pass rewrites them clean; a prompt switch
+  only swaps the cross-attention K/V.
+- streamdiffusionv2: sink + window of noisy K/V (no context pass); RoPE baked, positions restart
+  every 50 frames; adaptive sink refresh (a new frame unlike a sink frame replaces it).
+- longlive: a frame sink + short window, clean K/V; on a prompt switch the window is re-cached at
+  t=0 with the new prompt.
 
 `rope="late"` on any policy stores un-rotated K and rotates at attention time with
 window-relative positions (sink first, then the window in order), which has no position limit.
