@@ -216,6 +216,7 @@ class CausalWanModel(nn.Module):
         out = torch.einsum("bfhwpqrc->bcfphqwr", out)
         return out.reshape(b, -1, f * pt, h * ph, w * pw)
 
+    @torch.no_grad()
     def prompt_kv(self, context: Tensor) -> PromptKV:
         """Cross-attention K/V of one prompt's encoder output [L <= text_len, text_dim].
 
