@@ -41,6 +41,11 @@ WriteFormat = Literal[
 WRITE_FORMATS: tuple[str, ...] = WriteFormat.__args__  # type: ignore[attr-defined]
 
 
+# The fields of Wan's `config.json` (the rest of ModelConfig is rollcast's own).
+WAN_CONFIG_KEYS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "freq_dim",
+                   "text_dim", "text_len", "eps")
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the model."""
 
@@ -190,10 +195,14 @@ def infer_config(path: str | Path) -> ModelConfig:
     cfg_file = (p if p.is_dir() else p.parent) / "config.json"
     if cfg_file.is_file():
         try:
-            return ModelConfig.from_wan_config_json(json.loads(cfg_file.read_text()),
-                                                    name=p.stem)
+            cfg = ModelConfig.from_wan_config_json(json.loads(cfg_file.read_text()), name=p.stem)
         except (json.JSONDecodeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{cfg_file}: not a usable model config ({e})") from e
+        # A config.json describing a preset's shapes gets the preset (its name, resolution, ...).
+        for preset in PRESETS.values():
+            if all(getattr(preset, k) == getattr(cfg, k) for k in WAN_CONFIG_KEYS):
+                return preset
+        return cfg
     sd = to_wan_layout(read_state_dict(path))
     for cfg in PRESETS.values():
         with torch.device("meta"):
@@ -243,9 +252,8 @@ def write_checkpoint(
             raise ValueError(f"unknown checkpoint format {fmt!r}; formats: {WRITE_FORMATS}")
         written, cfg_dir = out, out.parent
     if config is not None:
-        keys = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "freq_dim",
-                "text_dim", "text_len", "eps")
-        wan = {"_class_name": "WanModel", "model_type": "t2v", **{k: getattr(config, k) for k in keys}}
+        wan = {"_class_name": "WanModel", "model_type": "t2v",
+               **{k: getattr(config, k) for k in WAN_CONFIG_KEYS}}
         (cfg_dir / "config.json").write_text(json.dumps(wan, indent=2))
     return written
 

@@ -65,6 +65,7 @@ class KVCachePool:
         # Slot the current 1-frame block writes, fixed at its first step (sink refresh only).
         self.block_slot = torch.zeros((len(layers), rows), dtype=torch.long, device=device)
         self._free = list(range(rows - 1, -1, -1))
+        self._written: list[set[int]] = [set() for _ in range(rows)]  # host copy of filled slots
 
     @property
     def device(self) -> torch.device:
@@ -94,6 +95,7 @@ class KVCachePool:
     def reset_row(self, row: int) -> None:
         """Forget every frame of one session (the buffers are masked, not cleared)."""
         self.slot_frame[:, row] = -1
+        self._written[row].clear()
 
     def slot_of(self, frame: int) -> int:
         sink, window = self.policy.sink_frames, self.policy.window_frames
@@ -140,11 +142,18 @@ class KVCachePool:
             k_pos = torch.where(slot_idx < sink, slot_idx, sink + after - fw).clamp_min(0)
             k_cos, k_sin = rope.cos_sin(k_pos, *grid_hw)
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        # Host-known: once every slot of every row has been written, attention runs unmasked
+        # (flash kernels on GPU). Sink refresh can redirect a write, so it always masks.
+        for r, sl in zip(rows, slots, strict=True):
+            self._written[r].update(sl)
+        all_valid = self.policy.sink_refresh_threshold is None and all(
+            len(self._written[r]) == self.capacity for r in rows)
         offs = torch.arange(t, device=dev)
         return KVBatch(
             pool=self,
             rows=rows_t,
             row_slice=slice(rows[0], rows[0] + len(rows)) if contiguous else None,
+            all_valid=all_valid,
             write_slot=write_slot,
             write_tok=(write_slot[..., None] * t + offs).flatten(1),
             write_frame=write_frame,
@@ -163,6 +172,7 @@ class KVBatch:
     pool: KVCachePool
     rows: Tensor  # [B]
     row_slice: slice | None  # rows as a contiguous range: read through views, no gather
+    all_valid: bool  # every slot of every row holds a frame: no mask needed
     write_slot: Tensor  # [B, F]
     write_tok: Tensor  # [B, F*T] token offsets inside a row
     write_frame: Tensor  # [B, F]
@@ -190,9 +200,11 @@ class KVBatch:
         kc, vc = self._rows(pool.k[li]), self._rows(pool.v[li])
         if late:
             kc = apply_rope(kc, self.k_cos, self.k_sin)  # type: ignore[arg-type]
-        valid = self._rows(pool.slot_frame[li]) >= 0  # [B, C]
-        b, c = valid.shape
-        mask = valid[:, :, None].expand(b, c, pool.tokens_per_frame).reshape(b, 1, 1, -1)
+        mask = None
+        if not self.all_valid:
+            valid = self._rows(pool.slot_frame[li]) >= 0  # [B, C]
+            b, c = valid.shape
+            mask = valid[:, :, None].expand(b, c, pool.tokens_per_frame).reshape(b, 1, 1, -1)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), attn_mask=mask
         )

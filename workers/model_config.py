@@ -26,6 +26,8 @@ class ModelConfig:
     frames_per_block: int = 3
     # VAE compression (t, h, w) between pixels and latents.
     vae_stride: tuple[int, int, int] = (4, 8, 8)
+    # Pixel (width, height) the model was trained at.
+    default_resolution: tuple[int, int] = (832, 480)
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -66,7 +68,7 @@ class ModelConfig:
         """Build from a Wan `config.json` (`{"dim":1536,"ffn_dim":8960,...}`)."""
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in cfg.items() if k in known}
-        for key in ("patch_size", "vae_stride"):
+        for key in ("patch_size", "vae_stride", "default_resolution"):
             if key in kwargs:
                 kwargs[key] = tuple(kwargs[key])
         missing = [k for k in ("dim", "ffn_dim", "num_heads", "num_layers") if k not in kwargs]
@@ -82,7 +84,7 @@ PRESETS: dict[str, ModelConfig] = {
     # Small enough for CPU tests and the default demo on 2 cores; same structure and key names.
     "tiny": ModelConfig(
         dim=128, ffn_dim=256, num_heads=4, num_layers=4, freq_dim=64, text_dim=64, text_len=32,
-        name="tiny",
+        default_resolution=(256, 256), name="tiny",
     ),
     "wan-1.3b": ModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, name="wan-1.3b"),
     "wan-14b": ModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, name="wan-14b"),

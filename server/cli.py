@@ -1,0 +1,179 @@
+"""The `rollcast` command line. Each subcommand composes the packages' own config objects."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from rollcast import __version__
+from rollcast.workers.cache_policy import POLICIES, CachePolicy
+from rollcast.workers.causal_wan import CausalWanModel
+from rollcast.workers.checkpoint import (
+    WRITE_FORMATS,
+    CheckpointError,
+    check_state_dict,
+    infer_config,
+    read_state_dict,
+    synthetic_model,
+    write_checkpoint,
+)
+from rollcast.workers.checkpoint_keys import is_diffusers_layout, to_wan_layout
+from rollcast.workers.model_config import PRESETS, ModelConfig
+from rollcast.workers.sampler import SAMPLERS, SamplerConfig
+from rollcast.workers.stream_generator import (
+    DTYPES,
+    WorkerSpec,
+    best_device,
+    build_runner,
+    parse_dtype,
+    parse_resolution,
+)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tiny", choices=sorted(PRESETS), help="model preset")
+    p.add_argument("--checkpoint", type=Path,
+                   help="DiT checkpoint file or directory (random weights if absent)")
+    p.add_argument("--lora", type=Path, help="LoRA (PEFT state dict) to merge into the checkpoint")
+    p.add_argument("--policy", default="self-forcing", choices=sorted(POLICIES), help="KV cache policy")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                   help="sampler preset (default: the policy's family)")
+    p.add_argument("--rope", choices=("baked", "late"), help="override the policy's RoPE mode")
+    p.add_argument("--resolution", help="WIDTHxHEIGHT in pixels (default: the model's)")
+    p.add_argument("--frames-per-block", type=_positive, help="latent frames per block")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: best available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+
+
+def _spec(args: argparse.Namespace) -> WorkerSpec:
+    cfg = ModelConfig.preset(args.config)
+    policy = CachePolicy.preset(args.policy)
+    if args.rope:
+        policy = policy.replace(rope=args.rope)
+    sampler = SamplerConfig.preset(args.sampler or ("streamdiffusionv2" if args.policy == "streamdiffusionv2"
+                                                    else "self-forcing"))
+    device = args.device or best_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda given but no CUDA device is available")
+    fpb = args.frames_per_block or (1 if args.policy == "streamdiffusionv2" else None)
+    return WorkerSpec(
+        config=cfg, policy=policy, sampler=sampler,
+        resolution=parse_resolution(args.resolution) if args.resolution else cfg.default_resolution,
+        max_sessions=1, device=device, dtype=parse_dtype(args.dtype, device),
+        checkpoint=args.checkpoint, lora=args.lora, frames_per_block=fpb,
+    )
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    """Build the model and stream latent blocks of one session through the rolling cache."""
+    spec = _spec(args)
+    runner = build_runner(spec)
+    cfg = spec.config
+    g = torch.Generator().manual_seed(args.seed)
+    # A stand-in text embedding: prompts become real with the text encoder.
+    prompt = runner.model.prompt_kv(torch.randn(16, cfg.text_dim, generator=g).to(spec.device))
+    state = runner.open("cli", prompt, seed=args.seed, num_steps=args.steps)
+    params = sum(p.numel() for p in runner.model.parameters())
+    print(json.dumps({"config": cfg.name, "params": params, "policy": spec.policy.name,
+                      "resolution": list(spec.resolution), "latent_hw": list(runner.latent_hw),
+                      "frames_per_block": runner.frames_per_block, "timesteps": state.timesteps,
+                      "kv_cache_bytes": runner.pool.nbytes, "device": spec.device,
+                      "dtype": str(spec.dtype).removeprefix("torch.")}), flush=True)
+    for block in range(args.blocks):
+        t0 = time.perf_counter()
+        out = None
+        forwards = 0
+        while out is None:
+            (out,) = runner.run([state])
+            forwards += 1
+        if spec.policy.context_pass:
+            runner.run([state])
+            forwards += 1
+        if spec.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        print(json.dumps({"block": block, "frames_done": state.frames_done, "forwards": forwards,
+                          "seconds": round(dt, 4), "latent_std": round(out.std().item(), 4)}),
+              flush=True)
+    runner.close(state)
+    return 0
+
+
+def cmd_checkpoint_synth(args: argparse.Namespace) -> int:
+    cfg = ModelConfig.preset(args.config)
+    model = synthetic_model(cfg, seed=args.seed, dtype=parse_dtype(args.dtype, "cpu"))
+    path = write_checkpoint(model.state_dict(), args.output, args.format, config=cfg)
+    print(json.dumps({"written": str(path), "config": cfg.name, "format": args.format}))
+    return 0
+
+
+def cmd_checkpoint_inspect(args: argparse.Namespace) -> int:
+    raw = read_state_dict(args.path)
+    cfg = ModelConfig.preset(args.config) if args.config else infer_config(args.path)
+    sd = to_wan_layout(raw)
+    with torch.device("meta"):
+        check_state_dict(CausalWanModel(cfg), sd)
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in raw.values()})
+    print(json.dumps({"path": str(args.path), "config": cfg.name, "tensors": len(raw),
+                      "params": sum(v.numel() for v in raw.values()), "dtypes": dtypes,
+                      "layout": "diffusers" if is_diffusers_layout(raw) else "wan", "fits": True}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rollcast", description="SLO-aware serving of streaming video diffusion")
+    parser.add_argument("--version", action="version", version=f"rollcast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("model", help="build the DiT and stream latent blocks through the rolling KV cache")
+    _model_args(p)
+    p.add_argument("--blocks", type=_positive, default=4, help="blocks to generate")
+    p.add_argument("--steps", type=_positive, default=None, help="denoising steps (1-4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_model)
+
+    ck = sub.add_parser("checkpoint", help="write or check DiT checkpoints")
+    cks = ck.add_subparsers(dest="checkpoint_command", required=True)
+    p = cks.add_parser("synth", help="write a randomly initialised checkpoint of a preset")
+    p.add_argument("output", type=Path)
+    p.add_argument("--config", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--format", default="safetensors", choices=WRITE_FORMATS)
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_checkpoint_synth)
+    p = cks.add_parser("inspect", help="read a checkpoint and check it fits a config")
+    p.add_argument("path", type=Path)
+    p.add_argument("--config", choices=sorted(PRESETS), help="default: config.json or matching preset")
+    p.set_defaults(func=cmd_checkpoint_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (CheckpointError, ValueError) as e:
+        print(f"rollcast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

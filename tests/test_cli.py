@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rollcast.server.cli import main
+
+
+def lines(capsys) -> list[dict]:
+    return [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+
+
+def test_model_streams_exact_number_of_blocks(capsys):
+    assert main(["model", "--blocks", "3", "--resolution", "64x64", "--steps", "2"]) == 0
+    out = lines(capsys)
+    assert out[0]["config"] == "tiny" and out[0]["latent_hw"] == [8, 8]
+    assert [o["frames_done"] for o in out[1:]] == [3, 6, 9]
+    assert all(o["forwards"] == 3 for o in out[1:])  # 2 steps + context pass
+
+
+def test_model_runs_a_checkpoint_it_wrote(tmp_path, capsys):
+    ck = tmp_path / "sharded"
+    assert main(["checkpoint", "synth", str(ck), "--format", "safetensors-sharded"]) == 0
+    assert main(["checkpoint", "inspect", str(ck)]) == 0
+    info = lines(capsys)[-1]
+    assert info["fits"] and info["config"] == "tiny" and info["params"] == 963_776
+    assert main(["model", "--checkpoint", str(ck), "--blocks", "1", "--resolution", "64x64",
+                 "--policy", "streamdiffusionv2"]) == 0
+    out = lines(capsys)
+    assert out[0]["frames_per_block"] == 1 and out[-1]["frames_done"] == 1
+
+
+def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["model", "--resolution", "100x7"]) == 2
+    assert "multiples of 16x16" in capsys.readouterr().err
+    assert main(["model", "--resolution", "wide"]) == 2
+    assert "WIDTHxHEIGHT" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["checkpoint", "inspect", str(bad)]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["model", "--blocks", "0"])
+    assert e.value.code == 2

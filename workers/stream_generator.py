@@ -1,0 +1,73 @@
+"""Build everything one worker needs to stream latents: model, KV pool, sampler, runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rollcast.workers.block_runner import BlockRunner
+from rollcast.workers.cache_policy import CachePolicy
+from rollcast.workers.causal_wan import CausalWanModel
+from rollcast.workers.checkpoint import load_checkpoint, synthetic_model
+from rollcast.workers.kv_cache import KVCachePool
+from rollcast.workers.model_config import ModelConfig
+from rollcast.workers.sampler import FlowMatchSampler, SamplerConfig
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def best_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_dtype(name: str | None, device: str) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'832x480' -> (832, 480)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"resolution must look like WIDTHxHEIGHT (e.g. 832x480), got {text!r}") from None
+    return w, h
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    config: ModelConfig
+    policy: CachePolicy
+    sampler: SamplerConfig
+    resolution: tuple[int, int]
+    max_sessions: int = 4
+    frames_per_block: int | None = None  # default: the model config's
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    checkpoint: Path | None = None
+    lora: Path | None = None
+    seed: int = 0
+
+
+def build_runner(spec: WorkerSpec) -> BlockRunner:
+    cfg = spec.config
+    lh, lw = cfg.latent_hw(*spec.resolution)
+    if spec.checkpoint is None:
+        model = synthetic_model(cfg, seed=spec.seed)
+    else:
+        model = load_checkpoint(CausalWanModel(cfg), spec.checkpoint, lora=spec.lora)
+    model = model.to(device=spec.device, dtype=spec.dtype).eval().requires_grad_(False)
+    pool = KVCachePool(
+        layers=model.layers, rows=spec.max_sessions, policy=spec.policy,
+        tokens_per_frame=cfg.tokens_per_frame(lh, lw), num_heads=cfg.num_heads,
+        head_dim=cfg.head_dim, dtype=spec.dtype, device=spec.device,
+    )
+    return BlockRunner(model, pool, FlowMatchSampler(spec.sampler), latent_hw=(lh, lw),
+                       frames_per_block=spec.frames_per_block)
