@@ -7,6 +7,15 @@ from rollcast.workers import CachePolicy, CausalWanModel, KVCachePool, ModelConf
 
 torch.set_num_threads(2)
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 LATENT_HW = (8, 8)  # 4x4 = 16 tokens per latent frame
 
 
