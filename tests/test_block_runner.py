@@ -9,7 +9,7 @@ from rollcast.workers import CachePolicy
 from rollcast.workers.block_runner import BlockRunner
 from rollcast.workers.sampler import FlowMatchSampler, SamplerConfig
 from rollcast.workers.stream_state import Work
-from tests.conftest import LATENT_HW, make_pool, random_prompt
+from tests.helpers import LATENT_HW, make_pool, random_prompt
 
 
 def runner_for(model, policy, rows=4, sampler="self-forcing", fpb=None):

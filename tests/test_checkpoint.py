@@ -199,3 +199,14 @@ def test_real_preset_parameter_counts_on_meta():
     assert sd["blocks.29.ffn.2.weight"].shape == (1536, 8960)
     assert sd["blocks.0.cross_attn.norm_k.weight"].shape == (1536,)
     assert "blocks.0.norm1.weight" not in sd and "blocks.0.norm3.bias" in sd
+
+
+def test_meta_model_gets_weights_assigned_in_target_dtype(tmp_path, source):
+    path = tmp_path / "model.safetensors"
+    write_checkpoint(source.state_dict(), path)
+    with torch.device("meta"):
+        model = CausalWanModel(TINY)
+    load_checkpoint(model, path, dtype=torch.bfloat16)
+    sd = model.state_dict()
+    assert all(v.device.type == "cpu" and v.dtype == torch.bfloat16 for v in sd.values())
+    assert torch.equal(sd["blocks.3.ffn.2.weight"], source.state_dict()["blocks.3.ffn.2.weight"].bfloat16())

@@ -7,7 +7,7 @@ import torch
 
 from rollcast.workers import CachePolicy, PromptBatch
 from rollcast.workers.reference_forward import reference_forward
-from tests.conftest import LATENT_HW, make_pool, random_prompt
+from tests.helpers import LATENT_HW, make_pool, random_prompt
 
 
 def run_blockwise(model, policy, x, t, prompts, fpb, rows=None):

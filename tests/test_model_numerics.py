@@ -10,7 +10,7 @@ import torch
 from rollcast.workers import CausalWanModel, ModelConfig
 from rollcast.workers.causal_wan import sinusoidal_embedding
 from rollcast.workers.rope import Rope3D, apply_rope, rope_axis_pairs
-from tests.conftest import random_prompt
+from tests.helpers import random_prompt
 
 
 def test_sinusoid_is_cos_then_sin():

@@ -262,4 +262,4 @@ class CausalWanModel(nn.Module):
         nn.init.normal_(self.head.head.weight, std=head_std, generator=generator)
         for p in (self.head.modulation, *(b.modulation for b in self.blocks.values())):
             with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=generator) / p.shape[-1] ** 0.5)
+                p.normal_(generator=generator).div_(p.shape[-1] ** 0.5)

@@ -173,18 +173,26 @@ def load_checkpoint(
     container: str | None = None,
     lora: str | Path | None = None,
     lora_alpha: float | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> CausalWanModel:
-    """Load a checkpoint (any supported container and layout, optional LoRA) into `model`."""
+    """Load a checkpoint (any supported container and layout, optional LoRA) into `model`.
+
+    A model built on the meta device gets the checkpoint's tensors assigned directly (cast to
+    `dtype` on `device`), so a 14B model is never materialised twice.
+    """
     sd = to_wan_layout(read_state_dict(path, container=container))
     if lora is not None:
-        lora_sd = read_state_dict(lora)
         try:
-            merge_lora(sd, lora_sd, alpha=lora_alpha)
+            merge_lora(sd, read_state_dict(lora), alpha=lora_alpha)
         except ValueError as e:
             raise CheckpointError(f"{lora}: {e}") from e
     check_state_dict(model, sd)
     held = model.state_dict()
-    model.load_state_dict({k: sd[k] for k in held}, strict=True)
+    on_meta = any(p.is_meta for p in model.parameters())
+    weights = {k: sd[k].to(device=device or (None if not on_meta else "cpu"),
+                           dtype=dtype or held[k].dtype) for k in held}
+    model.load_state_dict(weights, strict=True, assign=on_meta)
     return model
 
 
@@ -280,9 +288,13 @@ def _write_sharded(sd: dict[str, Tensor], out: Path, max_shard_bytes: int) -> Pa
     return index
 
 
-def synthetic_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> CausalWanModel:
-    """A randomly initialised model of any config (same cost as real weights)."""
-    torch.manual_seed(seed)
-    model = CausalWanModel(config)
-    model.init_weights(torch.Generator().manual_seed(seed))
+def synthetic_model(
+    config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> CausalWanModel:
+    """A randomly initialised model of any config (the same cost as real weights), built
+    directly on `device`."""
+    with torch.device(device):
+        model = CausalWanModel(config)
+    model.init_weights(torch.Generator(device=device).manual_seed(seed))
     return model.to(dtype)

@@ -30,18 +30,19 @@ class Rope3D:
         self.pairs = rope_axis_pairs(head_dim)
         # Inverse frequencies per axis in float64, as Wan computes them.
         self.inv_freq = [
-            1.0 / theta ** (torch.arange(0, 2 * n, 2, dtype=torch.float64) / (2 * n))
+            1.0 / theta ** (torch.arange(0, 2 * n, 2, dtype=torch.float64, device="cpu") / (2 * n))
             for n in self.pairs
         ]
         self._hw_cache: dict[tuple[int, int, str], Tensor] = {}
+        self._t_freq: dict[str, Tensor] = {}  # frame-axis frequencies per device
 
     def hw_angles(self, grid_h: int, grid_w: int, device: torch.device) -> Tensor:
         """Angles of the row and column axes for every token of a frame: [h*w, pairs_h+pairs_w]."""
         key = (grid_h, grid_w, str(device))
         cached = self._hw_cache.get(key)
         if cached is None:
-            rows = torch.arange(grid_h, dtype=torch.float64)
-            cols = torch.arange(grid_w, dtype=torch.float64)
+            rows = torch.arange(grid_h, dtype=torch.float64, device="cpu")
+            cols = torch.arange(grid_w, dtype=torch.float64, device="cpu")
             ah = torch.outer(rows, self.inv_freq[1])  # [h, ph]
             aw = torch.outer(cols, self.inv_freq[2])  # [w, pw]
             ang = torch.cat(
@@ -59,7 +60,10 @@ class Rope3D:
         frame-major then row then column, as the patch embedding flattens them.
         """
         b, f = frame_pos.shape
-        t_ang = frame_pos.to(torch.float64)[..., None] * self.inv_freq[0].to(frame_pos.device)
+        dev = str(frame_pos.device)
+        if dev not in self._t_freq:
+            self._t_freq[dev] = self.inv_freq[0].to(frame_pos.device)
+        t_ang = frame_pos.to(torch.float64)[..., None] * self._t_freq[dev]
         hw = self.hw_angles(grid_h, grid_w, frame_pos.device)
         tokens = hw.shape[0]
         ang = torch.cat(

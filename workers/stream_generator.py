@@ -60,10 +60,13 @@ def build_runner(spec: WorkerSpec) -> BlockRunner:
     cfg = spec.config
     lh, lw = cfg.latent_hw(*spec.resolution)
     if spec.checkpoint is None:
-        model = synthetic_model(cfg, seed=spec.seed)
+        model = synthetic_model(cfg, seed=spec.seed, dtype=spec.dtype, device=spec.device)
     else:
-        model = load_checkpoint(CausalWanModel(cfg), spec.checkpoint, lora=spec.lora)
-    model = model.to(device=spec.device, dtype=spec.dtype).eval().requires_grad_(False)
+        with torch.device("meta"):
+            model = CausalWanModel(cfg)
+        model = load_checkpoint(model, spec.checkpoint, lora=spec.lora, dtype=spec.dtype,
+                                device=spec.device)
+    model = model.eval().requires_grad_(False)
     pool = KVCachePool(
         layers=model.layers, rows=spec.max_sessions, policy=spec.policy,
         tokens_per_frame=cfg.tokens_per_frame(lh, lw), num_heads=cfg.num_heads,
