@@ -63,7 +63,9 @@ def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
     return layer(x.to(layer.weight.dtype))
 
 
-class SelfAttention(nn.Module):
+class AttentionProjections(nn.Module):
+    """q, k, v, o linears with RMSNorm on q and k over the full dim (Wan's layer set)."""
+
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -71,37 +73,37 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x: Tensor, layer: int, attend: AttendFn) -> Tensor:
-        dtype = self.q.weight.dtype
-        q = self.norm_q(_linear(self.q, x)).to(dtype).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(_linear(self.k, x)).to(dtype).unflatten(-1, (self.num_heads, -1))
-        v = _linear(self.v, x).unflatten(-1, (self.num_heads, -1))
-        out = attend(layer, q, k, v)
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.to(self.q.weight.dtype).unflatten(-1, (self.num_heads, -1))
+
+    def project_q(self, x: Tensor) -> Tensor:
+        return self._heads(self.norm_q(_linear(self.q, x)))
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._heads(self.norm_k(_linear(self.k, x))), self._heads(_linear(self.v, x))
+
+    def project_out(self, out: Tensor) -> Tensor:
+        """[B, L, H, D] -> [B, L, dim] float32."""
         return _linear(self.o, out.flatten(2)).float()
 
 
-class CrossAttention(nn.Module):
-    """Attention to the text rows (all of them, zero padding included, as Wan does)."""
+class SelfAttention(AttentionProjections):
+    def forward(self, x: Tensor, layer: int, attend: AttendFn) -> Tensor:
+        k, v = self.project_kv(x)
+        return self.project_out(attend(layer, self.project_q(x), k, v))
 
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
+
+class CrossAttention(AttentionProjections):
+    """Attention to the text rows (all of them, zero padding included, as Wan does)."""
 
     def text_kv(self, text: Tensor) -> tuple[Tensor, Tensor]:
         """K/V of embedded text [..., L, dim] -> [..., L, H, D] each (cached per prompt)."""
-        dtype = self.k.weight.dtype
-        k = self.norm_k(_linear(self.k, text)).to(dtype).unflatten(-1, (self.num_heads, -1))
-        v = _linear(self.v, text).unflatten(-1, (self.num_heads, -1))
-        return k, v
+        return self.project_kv(text)
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        dtype = self.q.weight.dtype
-        q = self.norm_q(_linear(self.q, x)).to(dtype).unflatten(-1, (self.num_heads, -1))
+        q = self.project_q(x)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return _linear(self.o, out.transpose(1, 2).flatten(2)).float()
+        return self.project_out(out.transpose(1, 2))
 
 
 class WanBlock(nn.Module):
