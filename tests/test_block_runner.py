@@ -226,3 +226,27 @@ def test_prompt_switch_without_recache_policy_keeps_self_attention_cache(model):
     assert torch.equal(before, runner.pool.k)
     runner.run([s])
     assert s.prompt is new
+
+
+def test_closed_session_cannot_run_into_a_reused_row(model):
+    runner = runner_for(model, SMALL, rows=1)
+    a = runner.open("a", random_prompt(model, 1), seed=1)
+    runner.close(a)
+    runner.close(a)  # closing twice is harmless
+    b = runner.open("b", random_prompt(model, 2), seed=2)
+    assert b.row == a.row
+    with pytest.raises(ValueError, match=r"already closed: \['a'\]"):
+        runner.run([a, b])
+    assert b.step == 0  # nothing ran
+
+
+def test_kv_batch_rejects_unallocated_rows_and_ragged_frames(model):
+    pool = make_pool(model, SMALL, rows=2)
+    row = pool.allocate()
+    kw = dict(grid_hw=(4, 4), rope=model.rope)
+    with pytest.raises(ValueError, match="not allocated"):
+        pool.batch(rows=[1 - row], frames=[[0]], rope_positions=[[0]], new_block=[True], **kw)
+    other = pool.allocate()
+    with pytest.raises(ValueError, match="same number of frames"):
+        pool.batch(rows=[row, other], frames=[[0], [0, 1]], rope_positions=[[0], [0, 1]],
+                   new_block=[True, True], **kw)

@@ -66,8 +66,7 @@ def test_late_rope_has_no_position_limit(model):
     x, t, prompts = inputs(model, 1, 3, seed=5)
     outs = []
     for base in (20, 2000):
-        pool.reset_row(0)
-        rows = [0]
+        rows = [pool.allocate()]
         frames_seq = [[0], [base - 1], [base]]
         out = None
         for i, fr in enumerate(frames_seq):

@@ -69,8 +69,11 @@ class BlockRunner:
 
     def close(self, state: StreamState) -> None:
         """Free the session's cache row; its tensors go with the state object."""
+        if state.closed:
+            return
         self.pool.release(state.row)
         state.latent = state.clean = None
+        state.closed = True
 
     def set_prompt(self, state: StreamState, prompt: PromptKV) -> None:
         """Switch prompt at the next block boundary (re-caching first if the policy says so)."""
@@ -97,6 +100,9 @@ class BlockRunner:
         [C, F, h, w] (None for sessions whose block is still in progress)."""
         if not states:
             return []
+        closed = [s.session_id for s in states if s.closed]
+        if closed:
+            raise ValueError(f"sessions already closed: {closed}")
         buckets = {self.bucket(s) for s in states}
         if len(buckets) != 1:
             raise ValueError(f"sessions of different forward shapes in one batch: {buckets}")

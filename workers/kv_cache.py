@@ -118,6 +118,14 @@ class KVCachePool:
         """
         dev = self.device
         t = self.tokens_per_frame
+        if not rows or {len(frames), len(rope_positions), len(new_block)} != {len(rows)}:
+            raise ValueError("a KV batch needs one frame list, position list and flag per row")
+        if len({len(fs) for fs in frames}) != 1 or any(
+                len(p) != len(fs) for p, fs in zip(rope_positions, frames, strict=True)):
+            raise ValueError("every row of a KV batch must write the same number of frames")
+        unallocated = sorted(set(rows) & set(self._free))
+        if unallocated:
+            raise ValueError(f"KV batch uses rows that are not allocated: {unallocated}")
         slots = [[self.slot_of(f) for f in fs] for fs in frames]
         if any(len(set(sl)) != len(sl) for sl in slots):
             raise ValueError(f"a forward of {len(slots[0])} frames does not fit a cache of "

@@ -39,6 +39,7 @@ class StreamState:
     slot_rope: list[int] = field(default_factory=list)
     # Clean latents by cache slot [C, capacity, h, w]; only kept by re-caching policies.
     clean: Tensor | None = None
+    closed: bool = False
 
     @property
     def next_work(self) -> Work:
