@@ -51,4 +51,5 @@ class StreamState:
 
     @property
     def in_block(self) -> bool:
-        return self.step > 0 or self.latent is not None
+        """A block has started (its latent exists) and not yet been committed to the cache."""
+        return self.latent is not None
