@@ -28,6 +28,10 @@ class ModelConfig:
     vae_stride: tuple[int, int, int] = (4, 8, 8)
     # Pixel (width, height) the model was trained at.
     default_resolution: tuple[int, int] = (832, 480)
+    # Which VAE shapes go with this model ("full" = Wan2.1_VAE / taew2_1, "small" = the tiny
+    # model's) and which VAE is used when none is asked for.
+    vae_size: str = "full"
+    default_vae: str = "wan"
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -37,6 +41,8 @@ class ModelConfig:
             raise ValueError(f"head_dim {self.head_dim} must be even and at least 8")
         if self.patch_size[0] != 1:
             raise ValueError("temporal patch size must be 1 for the causal model")
+        if self.vae_size not in ("full", "small"):
+            raise ValueError(f"vae_size must be 'full' or 'small', got {self.vae_size!r}")
 
     @property
     def head_dim(self) -> int:
@@ -84,7 +90,7 @@ PRESETS: dict[str, ModelConfig] = {
     # Small enough for CPU tests and the default demo on 2 cores; same structure and key names.
     "tiny": ModelConfig(
         dim=128, ffn_dim=256, num_heads=4, num_layers=4, freq_dim=64, text_dim=64, text_len=32,
-        default_resolution=(256, 256), name="tiny",
+        default_resolution=(256, 256), vae_size="small", default_vae="tiny", name="tiny",
     ),
     "wan-1.3b": ModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, name="wan-1.3b"),
     "wan-14b": ModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, name="wan-14b"),
