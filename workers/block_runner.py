@@ -19,7 +19,7 @@ from rollcast.workers.causal_wan import CausalWanModel
 from rollcast.workers.kv_cache import KVCachePool
 from rollcast.workers.prompt_kv import PromptBatch, PromptKV
 from rollcast.workers.sampler import FlowMatchSampler
-from rollcast.workers.stream_state import StreamState, Work
+from rollcast.workers.stream_state import BlockInput, StreamState, Work
 
 
 class BlockRunner:
@@ -53,7 +53,7 @@ class BlockRunner:
     # -- session lifecycle --------------------------------------------------------------------
 
     def open(self, session_id: str, prompt: PromptKV, *, seed: int,
-             num_steps: int | None = None) -> StreamState:
+             num_steps: int | None = None, v2v: bool = False) -> StreamState:
         row = self.pool.allocate()
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
@@ -64,7 +64,7 @@ class BlockRunner:
         return StreamState(
             session_id=session_id, row=row, prompt=prompt, generator=gen,
             timesteps=self.sampler.timesteps(num_steps),
-            slot_rope=[0] * self.pool.capacity, clean=clean,
+            slot_rope=[0] * self.pool.capacity, clean=clean, v2v=v2v,
         )
 
     def close(self, state: StreamState) -> None:
@@ -80,6 +80,16 @@ class BlockRunner:
         state.pending_prompt = prompt
         if self.policy.recache_on_prompt_switch and state.frames_done > 0:
             state.recache_pending = not state.in_block
+
+    def add_input(self, state: StreamState, block: BlockInput) -> None:
+        """Queue a v2v session's next block of encoded input."""
+        if not state.v2v:
+            raise ValueError(f"session {state.session_id} is text-to-video; it takes no input")
+        if tuple(block.latents.shape) != self.block_shape:
+            raise ValueError(f"input latents must be {self.block_shape}, got {tuple(block.latents.shape)}")
+        if not 0 < block.noise_scale <= 1 or block.timestep <= 0:
+            raise ValueError(f"bad v2v noise: scale {block.noise_scale}, timestep {block.timestep}")
+        state.inputs.append(block)
 
     def set_num_steps(self, state: StreamState, num_steps: int) -> None:
         """Change the denoising steps (degradation/recovery) from the next block on."""
@@ -103,6 +113,9 @@ class BlockRunner:
         closed = [s.session_id for s in states if s.closed]
         if closed:
             raise ValueError(f"sessions already closed: {closed}")
+        waiting = [s.session_id for s in states if not s.ready]
+        if waiting:
+            raise ValueError(f"v2v sessions without input for their next block: {waiting}")
         buckets = {self.bucket(s) for s in states}
         if len(buckets) != 1:
             raise ValueError(f"sessions of different forward shapes in one batch: {buckets}")
@@ -148,8 +161,14 @@ class BlockRunner:
         if reset is not None and start >= reset:
             start = self.pool.capacity - self.frames_per_block
         s.block_rope_start = start
-        if s.latent is None:
-            s.latent = torch.randn(self.block_shape, generator=s.generator, device=self.device)
+        noise = torch.randn(self.block_shape, generator=s.generator, device=self.device)
+        if s.v2v:
+            # The input enters at σ = noise_scale; denoising starts at the controller's timestep.
+            inp = s.inputs.popleft()
+            s.latent = self.sampler.add_noise(inp.latents.to(noise.dtype), noise, inp.noise_scale)
+            s.timesteps = [inp.timestep, *s.timesteps[1:]]
+        else:
+            s.latent = noise
 
     def _advance(self, s: StreamState, work: Work, x0: Tensor) -> Tensor | None:
         if work is Work.CONTEXT:

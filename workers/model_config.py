@@ -32,6 +32,9 @@ class ModelConfig:
     # model's) and which VAE is used when none is asked for.
     vae_size: str = "full"
     default_vae: str = "wan"
+    # Text encoder preset whose output feeds `text_embedding` (text_dim wide).
+    text_encoder: str = "umt5-xxl"
+    fps: int = 16  # frames per second of the video the model was trained on
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -90,7 +93,8 @@ PRESETS: dict[str, ModelConfig] = {
     # Small enough for CPU tests and the default demo on 2 cores; same structure and key names.
     "tiny": ModelConfig(
         dim=128, ffn_dim=256, num_heads=4, num_layers=4, freq_dim=64, text_dim=64, text_len=32,
-        default_resolution=(256, 256), vae_size="small", default_vae="tiny", name="tiny",
+        default_resolution=(256, 256), vae_size="small", default_vae="tiny", text_encoder="tiny",
+        name="tiny",
     ),
     "wan-1.3b": ModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, name="wan-1.3b"),
     "wan-14b": ModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, name="wan-14b"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,16 @@ class Work(enum.Enum):
     DENOISE = "denoise"  # one denoising step of the current block
     CONTEXT = "context"  # Self-Forcing clean pass: the finished block again at t=0
     RECACHE = "recache"  # LongLive: the cached frames again at t=0 with the new prompt
+
+
+@dataclass
+class BlockInput:
+    """Video-to-video input for one block: the encoded input latents [C, F, h, w] and how much
+    noise to mix in (σ = noise_scale) and at which timestep denoising starts."""
+
+    latents: Tensor
+    noise_scale: float
+    timestep: float
 
 
 @dataclass
@@ -39,6 +50,9 @@ class StreamState:
     slot_rope: list[int] = field(default_factory=list)
     # Clean latents by cache slot [C, capacity, h, w]; only kept by re-caching policies.
     clean: Tensor | None = None
+    # Video-to-video: each block starts from the next queued input instead of pure noise.
+    v2v: bool = False
+    inputs: deque[BlockInput] = field(default_factory=deque)
     closed: bool = False
 
     @property
@@ -48,6 +62,11 @@ class StreamState:
         if self.step == len(self.timesteps):
             return Work.CONTEXT
         return Work.DENOISE
+
+    @property
+    def ready(self) -> bool:
+        """Whether the next forward can run now (a v2v block waits for its input)."""
+        return not self.v2v or self.in_block or self.recache_pending or bool(self.inputs)
 
     @property
     def in_block(self) -> bool:

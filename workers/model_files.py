@@ -1,0 +1,93 @@
+"""Where each component's weights are inside a checkpoint directory, by their published names.
+
+A Wan2.1 model directory (`Wan2.1-T2V-1.3B/`) holds `config.json`, the DiT
+(`diffusion_pytorch_model*.safetensors`), `Wan2.1_VAE.pth`, `models_t5_umt5-xxl-enc-bf16.pth` and
+the tokenizer in `google/umt5-xxl/`. The distilled causal checkpoints (`self_forcing_dmd.pt`,
+`model.pt`, `longlive_base.pt`, ...) replace the DiT; put one beside the others (it wins over the
+base `diffusion_pytorch_model` file). The tiny VAE is `taew2_1.safetensors` or `taew2_1.pth`, at the
+top or under `safetensors/` as madebyollin/taehv publishes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rollcast.workers.checkpoint import PICKLE_SUFFIXES, CheckpointError
+
+WAN_VAE_FILE = "Wan2.1_VAE.pth"
+TINY_VAE_FILES = ("taew2_1.safetensors", "taew2_1.pth", "safetensors/taew2_1.safetensors")
+TEXT_ENCODER_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+TOKENIZER_DIRS = ("google/umt5-xxl", "tokenizer")
+BASE_DIT_PREFIX = "diffusion_pytorch_model"
+_COMPONENT_NAMES = {WAN_VAE_FILE, TEXT_ENCODER_FILE, "taew2_1.safetensors", "taew2_1.pth"}
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    root: Path
+    dit: Path
+    wan_vae: Path | None = None
+    tiny_vae: Path | None = None
+    text_encoder: Path | None = None
+    tokenizer: Path | None = None
+
+    @classmethod
+    def resolve(cls, path: str | Path) -> ModelFiles:
+        """A checkpoint file (the DiT alone) or a model directory."""
+        p = Path(path)
+        if p.is_file():
+            return cls(root=p.parent, dit=p)
+        if not p.is_dir():
+            raise CheckpointError(f"{p}: no such checkpoint file or directory")
+        return cls(
+            root=p, dit=_find_dit(p),
+            wan_vae=_first(p, (WAN_VAE_FILE,)),
+            tiny_vae=_first(p, TINY_VAE_FILES),
+            text_encoder=_first(p, (TEXT_ENCODER_FILE,)),
+            tokenizer=next((p / d for d in TOKENIZER_DIRS if (p / d).is_dir()), None),
+        )
+
+    def vae(self, kind: str) -> Path:
+        found = self.wan_vae if kind == "wan" else self.tiny_vae
+        if found is None:
+            names = WAN_VAE_FILE if kind == "wan" else " or ".join(TINY_VAE_FILES)
+            raise CheckpointError(f"{self.root}: no {kind} VAE weights ({names}) in the checkpoint "
+                                  f"directory")
+        return found
+
+    def text(self) -> tuple[Path, Path]:
+        """(encoder weights, tokenizer directory)."""
+        if self.text_encoder is None:
+            raise CheckpointError(f"{self.root}: no text encoder weights ({TEXT_ENCODER_FILE}) in the "
+                                  f"checkpoint directory")
+        if self.tokenizer is None:
+            raise CheckpointError(f"{self.root}: no tokenizer directory ({' or '.join(TOKENIZER_DIRS)}) "
+                                  f"in the checkpoint directory")
+        return self.text_encoder, self.tokenizer
+
+
+def _first(root: Path, names: tuple[str, ...]) -> Path | None:
+    return next((root / n for n in names if (root / n).is_file()), None)
+
+
+def _find_dit(root: Path) -> Path:
+    """The DiT weights: a distilled causal checkpoint if present, else the base model's files."""
+    causal = sorted(
+        f for f in root.iterdir()
+        if f.is_file() and f.name not in _COMPONENT_NAMES and not f.name.startswith(BASE_DIT_PREFIX)
+        and (f.suffix in PICKLE_SUFFIXES or f.name.endswith((".safetensors", ".safetensors.index.json")))
+    )
+    index = [f for f in causal if f.name.endswith(".index.json")]
+    if index:
+        causal = index
+    if len(causal) > 1:
+        raise CheckpointError(f"{root}: several candidate DiT checkpoints, pass one file: "
+                              f"{[f.name for f in causal]}")
+    if causal:
+        return causal[0]
+    for name in (f"{BASE_DIT_PREFIX}.safetensors.index.json", f"{BASE_DIT_PREFIX}.safetensors"):
+        if (root / name).is_file():
+            return root / name
+    raise CheckpointError(f"{root}: no DiT checkpoint inside (a distilled .pt/.safetensors or "
+                          f"{BASE_DIT_PREFIX}.safetensors)")
