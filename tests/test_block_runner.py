@@ -8,7 +8,7 @@ import torch
 from rollcast.workers import CachePolicy
 from rollcast.workers.block_runner import BlockRunner
 from rollcast.workers.sampler import FlowMatchSampler, SamplerConfig
-from rollcast.workers.stream_state import Work
+from rollcast.workers.stream_state import BlockInput, Work
 from tests.helpers import LATENT_HW, make_pool, random_prompt
 
 
@@ -250,3 +250,33 @@ def test_kv_batch_rejects_unallocated_rows_and_ragged_frames(model):
     with pytest.raises(ValueError, match="same number of frames"):
         pool.batch(rows=[row, other], frames=[[0], [0, 1]], rope_positions=[[0], [0, 1]],
                    new_block=[True, True], **kw)
+
+
+def test_v2v_block_starts_from_the_noised_input_at_the_controller_timestep(model, monkeypatch):
+    policy = CachePolicy.preset("streamdiffusionv2")
+    runner = runner_for(model, policy, sampler="streamdiffusionv2-v2v", fpb=1)
+    s = runner.open("v", random_prompt(model, 1), seed=3, num_steps=2, v2v=True)
+    assert not s.ready
+    with pytest.raises(ValueError, match="without input"):
+        runner.run([s])
+    z = torch.randn(runner.block_shape, generator=torch.Generator().manual_seed(5))
+    runner.add_input(s, BlockInput(z, noise_scale=0.75, timestep=650.0))
+    assert s.ready
+    seen = {}
+    forward = model.forward
+
+    def spy(x, t, prompts, attend):
+        seen.setdefault("x", x.clone())
+        seen.setdefault("t", t.clone())
+        return forward(x, t, prompts, attend)
+
+    monkeypatch.setattr(model, "forward", spy)
+    eps = torch.randn(runner.block_shape, generator=torch.Generator().manual_seed(3))
+    (out,) = runner.run([s])
+    assert out is None and s.timesteps == [650.0, 500.0]
+    torch.testing.assert_close(seen["x"][0], 0.75 * eps + 0.25 * z)
+    assert seen["t"].flatten().tolist() == [650.0]
+    with pytest.raises(ValueError, match="text-to-video"):
+        runner.add_input(runner.open("t", random_prompt(model, 1), seed=1), BlockInput(z, 0.5, 400.0))
+    with pytest.raises(ValueError, match="input latents must be"):
+        runner.add_input(s, BlockInput(z[:, :, :4], 0.5, 400.0))
