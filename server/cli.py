@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from rollcast import __version__
-from rollcast.workers.cache_policy import POLICIES, CachePolicy
+from rollcast.server import cli_generate
+from rollcast.server.cli_args import add_model_args, positive_int, worker_spec
 from rollcast.workers.causal_wan import CausalWanModel
 from rollcast.workers.checkpoint import (
     WRITE_FORMATS,
@@ -25,64 +26,16 @@ from rollcast.workers.checkpoint import (
 )
 from rollcast.workers.checkpoint_keys import is_diffusers_layout, to_wan_layout
 from rollcast.workers.model_config import PRESETS, ModelConfig
-from rollcast.workers.sampler import SAMPLERS, SamplerConfig
 from rollcast.workers.stream_generator import (
     DTYPES,
-    WorkerSpec,
-    best_device,
     build_runner,
     parse_dtype,
-    parse_resolution,
 )
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny", choices=sorted(PRESETS), help="model preset")
-    p.add_argument("--checkpoint", type=Path,
-                   help="DiT checkpoint file or directory (random weights if absent)")
-    p.add_argument("--lora", type=Path, help="LoRA (PEFT state dict) to merge into the checkpoint")
-    p.add_argument("--policy", default="self-forcing", choices=sorted(POLICIES), help="KV cache policy")
-    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
-                   help="sampler preset (default: the policy's family)")
-    p.add_argument("--rope", choices=("baked", "late"), help="override the policy's RoPE mode")
-    p.add_argument("--resolution", help="WIDTHxHEIGHT in pixels (default: the model's)")
-    p.add_argument("--frames-per-block", type=_positive, help="latent frames per block")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: best available)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
-
-
-def _spec(args: argparse.Namespace) -> WorkerSpec:
-    cfg = ModelConfig.preset(args.config)
-    policy = CachePolicy.preset(args.policy)
-    if args.rope:
-        policy = policy.replace(rope=args.rope)
-    sampler = SamplerConfig.preset(args.sampler or ("streamdiffusionv2" if args.policy == "streamdiffusionv2"
-                                                    else "self-forcing"))
-    device = args.device or best_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda given but no CUDA device is available")
-    fpb = args.frames_per_block or (1 if args.policy == "streamdiffusionv2" else None)
-    return WorkerSpec(
-        config=cfg, policy=policy, sampler=sampler,
-        resolution=parse_resolution(args.resolution) if args.resolution else cfg.default_resolution,
-        max_sessions=1, device=device, dtype=parse_dtype(args.dtype, device),
-        checkpoint=args.checkpoint, lora=args.lora, frames_per_block=fpb,
-    )
 
 
 def cmd_model(args: argparse.Namespace) -> int:
     """Build the model and stream latent blocks of one session through the rolling cache."""
-    spec = _spec(args)
+    spec = worker_spec(args)
     runner = build_runner(spec)
     cfg = spec.config
     g = torch.Generator().manual_seed(args.seed)
@@ -143,11 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("model", help="build the DiT and stream latent blocks through the rolling KV cache")
-    _model_args(p)
-    p.add_argument("--blocks", type=_positive, default=4, help="blocks to generate")
-    p.add_argument("--steps", type=_positive, default=None, help="denoising steps (1-4)")
+    add_model_args(p, checkpoint_help="DiT checkpoint file or directory (random weights if absent)")
+    p.add_argument("--blocks", type=positive_int, default=4, help="blocks to generate")
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (1-4)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("generate", help="generate a video file from a prompt (or restyle an input video)")
+    add_model_args(p, checkpoint_help="model directory with the published file names (DiT, "
+                   "Wan2.1_VAE.pth / taew2_1, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/); "
+                   "random weights if absent")
+    cli_generate.add_arguments(p)
+    p.set_defaults(func=cli_generate.run)
 
     ck = sub.add_parser("checkpoint", help="write or check DiT checkpoints")
     cks = ck.add_subparsers(dest="checkpoint_command", required=True)
@@ -170,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, OSError) as e:
         print(f"rollcast: error: {e}", file=sys.stderr)
         return 2
 

@@ -3,6 +3,8 @@ smoothing carries the previous level, and the first chunk is never adapted."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -55,7 +57,7 @@ def test_strong_motion_lowers_the_noise_level_towards_the_floor() -> None:
         steps.append(t0)
     assert scales[0] == pytest.approx(0.9 * 0.7 + 0.1 * 0.8)  # 0.71
     assert steps[0] == 610.0  # int(1000 * 0.71) - 100
-    assert all(a >= b for a, b in zip(scales, scales[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(scales))
     assert scales[-1] == pytest.approx(0.7, abs=1e-6)
 
 

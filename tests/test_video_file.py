@@ -73,13 +73,13 @@ def test_fit_frames_crops_to_the_aspect_then_resizes() -> None:
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     frames = gradient_frames(4, 16, 16)
     for name in ("a.mp4", "a.npy"):
-        with pytest.raises(RuntimeError, match="boom"):
-            with VideoFileWriter(tmp_path / name, width=16, height=16, fps=16, frames=4) as out:
-                out.write(frames[:2])
-                raise RuntimeError("boom")
-        with pytest.raises(RuntimeError, match="wrote 2 of 4"):
-            with VideoFileWriter(tmp_path / name, width=16, height=16, fps=16, frames=4) as out:
-                out.write(frames[:2])
+        with (pytest.raises(RuntimeError, match="boom"),
+              VideoFileWriter(tmp_path / name, width=16, height=16, fps=16, frames=4) as out):
+            out.write(frames[:2])
+            raise RuntimeError("boom")
+        with (pytest.raises(RuntimeError, match="wrote 2 of 4"),
+              VideoFileWriter(tmp_path / name, width=16, height=16, fps=16, frames=4) as out):
+            out.write(frames[:2])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -95,7 +95,7 @@ def test_bad_paths_are_named(tmp_path: Path) -> None:
     np.save(tmp_path / "empty.npy", np.zeros((0, 4, 4, 3), np.uint8))
     with pytest.raises(VideoFileError, match="no frames"):
         read_video(tmp_path / "empty.npy", resolution=(16, 16))
-    with pytest.raises(VideoFileError, match="unsupported file type '.avi'"):
+    with pytest.raises(VideoFileError, match=r"unsupported file type '\.avi'"):
         check_output_path(tmp_path / "out.avi")
     with pytest.raises(VideoFileError, match="does not exist"):
         check_output_path(tmp_path / "nodir" / "out.mp4")

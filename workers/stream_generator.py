@@ -13,6 +13,7 @@ from rollcast.workers.causal_wan import CausalWanModel
 from rollcast.workers.checkpoint import load_checkpoint, synthetic_model
 from rollcast.workers.kv_cache import KVCachePool
 from rollcast.workers.model_config import ModelConfig
+from rollcast.workers.model_files import ModelFiles
 from rollcast.workers.sampler import FlowMatchSampler, SamplerConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -64,7 +65,8 @@ def build_runner(spec: WorkerSpec) -> BlockRunner:
     else:
         with torch.device("meta"):
             model = CausalWanModel(cfg)
-        model = load_checkpoint(model, spec.checkpoint, lora=spec.lora, dtype=spec.dtype,
+        dit = ModelFiles.resolve(spec.checkpoint).dit  # a file, or the DiT inside a model directory
+        model = load_checkpoint(model, dit, lora=spec.lora, dtype=spec.dtype,
                                 device=spec.device)
     model = model.eval().requires_grad_(False)
     pool = KVCachePool(

@@ -1,0 +1,70 @@
+"""Command-line options shared by the subcommands that build a model, and the WorkerSpec they make."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from rollcast.workers.cache_policy import POLICIES, CachePolicy
+from rollcast.workers.checkpoint import infer_config
+from rollcast.workers.model_config import PRESETS, ModelConfig
+from rollcast.workers.model_files import ModelFiles
+from rollcast.workers.sampler import SAMPLERS, SamplerConfig
+from rollcast.workers.stream_generator import DTYPES, WorkerSpec, best_device, parse_dtype, parse_resolution
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser, *, checkpoint_help: str, policy: str = "self-forcing") -> None:
+    p.add_argument("--config", default=None, choices=sorted(PRESETS),
+                   help="model preset (default: the checkpoint's config.json, else tiny)")
+    p.add_argument("--checkpoint", type=Path, help=checkpoint_help)
+    p.add_argument("--lora", type=Path, help="LoRA (PEFT state dict) to merge into the checkpoint")
+    p.add_argument("--policy", default=policy, choices=sorted(POLICIES), help="KV cache policy")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                   help="sampler preset (default: the policy's family)")
+    p.add_argument("--rope", choices=("baked", "late"), help="override the policy's RoPE mode")
+    p.add_argument("--resolution", help="WIDTHxHEIGHT in pixels (default: the model's)")
+    p.add_argument("--frames-per-block", type=positive_int, help="latent frames per block")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: best available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+
+
+def _default_sampler(policy: str, v2v: bool) -> str:
+    if policy == "streamdiffusionv2":
+        return "streamdiffusionv2-v2v" if v2v else "streamdiffusionv2"
+    return "self-forcing"
+
+
+def worker_spec(args: argparse.Namespace, *, v2v: bool = False) -> WorkerSpec:
+    if args.config is None:
+        cfg = (infer_config(ModelFiles.resolve(args.checkpoint).dit) if args.checkpoint
+               else ModelConfig.preset("tiny"))
+    else:
+        cfg = ModelConfig.preset(args.config)
+    policy = CachePolicy.preset(args.policy)
+    if args.rope:
+        policy = policy.replace(rope=args.rope)
+    sampler = SamplerConfig.preset(args.sampler or _default_sampler(args.policy, v2v))
+    device = args.device or best_device()
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda given but no CUDA device is available")
+    fpb = args.frames_per_block or (1 if args.policy == "streamdiffusionv2" else None)
+    return WorkerSpec(
+        config=cfg, policy=policy, sampler=sampler,
+        resolution=parse_resolution(args.resolution) if args.resolution else cfg.default_resolution,
+        max_sessions=1, device=device, dtype=parse_dtype(args.dtype, device),
+        checkpoint=args.checkpoint, lora=args.lora, frames_per_block=fpb,
+    )

@@ -1,0 +1,278 @@
+"""Text and video in, video frames out: the DiT's block runner joined to the text encoder and VAE.
+
+`VideoPipeline` owns the shared parts (model, KV pool, text encoder with its prompt cache, VAE);
+`VideoSession` owns one stream's per-session parts beyond the KV row: its VAE decode state and, for
+video-to-video, its encode state, motion-aware noise controller and not-yet-encoded input frames.
+Who runs which forward when is the caller's business (`generate` below runs one session straight
+through; the engine batches many).
+
+Frame bookkeeping (F latent frames per block): block 0 decodes to 1 + 4(F - 1) frames, every later
+block to 4F. A v2v session needs that many input frames before each block can start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rollcast.workers.block_runner import BlockRunner
+from rollcast.workers.checkpoint import CheckpointError
+from rollcast.workers.model_files import ModelFiles
+from rollcast.workers.noise_controller import MotionNoiseController, NoiseControllerConfig
+from rollcast.workers.prompt_blend import PromptTransition, blend
+from rollcast.workers.prompt_cache import PromptEmbeddingCache
+from rollcast.workers.prompt_kv import PromptKV
+from rollcast.workers.stream_generator import WorkerSpec, build_runner
+from rollcast.workers.stream_state import BlockInput, StreamState
+from rollcast.workers.text_encoder import TextEncoder, TextEncoderConfig, UMT5TextEncoder
+from rollcast.workers.vae import StreamingVAE, build_vae, video_frames
+from rollcast.workers.video_file import to_pixels, to_uint8
+
+# A prompt: plain text, or weighted texts blended in embedding space.
+WeightedPrompt = Sequence[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    worker: WorkerSpec
+    vae: str | None = None  # "wan" | "tiny"; default: the model config's
+    prompt_cache_size: int = 64
+    blend_method: str = "slerp"
+    noise: NoiseControllerConfig = field(default_factory=NoiseControllerConfig)
+
+    @property
+    def vae_kind(self) -> str:
+        return self.vae or self.worker.config.default_vae
+
+
+def build_text_encoder(spec: WorkerSpec, files: ModelFiles | None) -> TextEncoder:
+    cfg = spec.config
+    if files is not None and files.text_encoder is not None:
+        weights, tokenizer = files.text()
+        enc: TextEncoder = UMT5TextEncoder.from_wan_checkpoint(
+            weights, tokenizer, device=spec.device, dtype=spec.dtype)
+    else:
+        enc = UMT5TextEncoder.synthetic(TextEncoderConfig.preset(cfg.text_encoder), seed=spec.seed,
+                                        device=spec.device, dtype=spec.dtype)
+    if (enc.text_dim, enc.text_len) != (cfg.text_dim, cfg.text_len):
+        raise CheckpointError(f"text encoder gives [{enc.text_len}, {enc.text_dim}] embeddings, the model "
+                              f"{cfg.name} expects [{cfg.text_len}, {cfg.text_dim}]")
+    return enc
+
+
+class VideoPipeline:
+    def __init__(self, runner: BlockRunner, vae: StreamingVAE, text: TextEncoder, *,
+                 spec: PipelineSpec) -> None:
+        self.runner = runner
+        self.vae = vae
+        self.text = text
+        self.prompts = PromptEmbeddingCache(text, capacity=spec.prompt_cache_size)
+        self.spec = spec
+        self.config = runner.model.config
+        self.fps = self.config.fps
+        lh, lw = runner.latent_hw
+        self.resolution = (lw * vae.spatial_stride, lh * vae.spatial_stride)  # (width, height)
+
+    @classmethod
+    def build(cls, spec: PipelineSpec) -> VideoPipeline:
+        """Random weights without a checkpoint; else every component from one model directory."""
+        w = spec.worker
+        if spec.vae_kind not in ("wan", "tiny"):
+            raise ValueError(f"unknown VAE {spec.vae_kind!r}; choose wan or tiny")
+        files = None
+        if w.checkpoint is not None:
+            if not Path(w.checkpoint).is_dir():
+                raise CheckpointError(f"{w.checkpoint}: not a model directory (it must hold the DiT, "
+                                      f"the VAE, the text encoder and its tokenizer)")
+            files = ModelFiles.resolve(w.checkpoint)
+            files.text()  # fail before the long loads if a part is missing
+            files.vae(spec.vae_kind)
+        runner = build_runner(dataclasses.replace(w, checkpoint=files.dit if files else None))
+        vae = build_vae(spec.vae_kind, w.config.vae_size,
+                        checkpoint=files.vae(spec.vae_kind) if files else None,
+                        device=w.device, dtype=w.dtype, seed=w.seed)
+        if vae.z_dim != w.config.in_dim:
+            raise CheckpointError(f"VAE latents have {vae.z_dim} channels, the model takes {w.config.in_dim}")
+        return cls(runner, vae, build_text_encoder(w, files), spec=spec)
+
+    # -- prompts --------------------------------------------------------------------------------
+
+    def embed(self, prompt: str | WeightedPrompt) -> Tensor:
+        """The text embedding [text_len, text_dim] of a prompt or a weighted blend of prompts."""
+        if isinstance(prompt, str):
+            return self.prompts.get(prompt)
+        texts = [t for t, _ in prompt]
+        embs = self.prompts.get_many(texts)
+        return blend(list(embs), [w for _, w in prompt], self.spec.blend_method)  # type: ignore[arg-type]
+
+    def prompt_kv(self, embedding: Tensor) -> PromptKV:
+        return self.runner.model.prompt_kv(embedding.to(self.runner.device))
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def open(self, session_id: str, prompt: str | WeightedPrompt, *, seed: int,
+             num_steps: int | None = None, v2v: bool = False) -> VideoSession:
+        emb = self.embed(prompt)
+        state = self.runner.open(session_id, self.prompt_kv(emb), seed=seed, num_steps=num_steps, v2v=v2v)
+        return VideoSession(self, state, emb)
+
+    def close(self, session: VideoSession) -> None:
+        self.runner.close(session.state)
+        session.release()
+
+
+class VideoSession:
+    """One stream's VAE states, v2v input buffer and prompt transition, beside its StreamState."""
+
+    def __init__(self, pipeline: VideoPipeline, state: StreamState, embedding: Tensor) -> None:
+        self.pipeline = pipeline
+        self.state = state
+        self.embedding = embedding
+        self.transition: PromptTransition | None = None
+        self._transition_block = 0
+        vae = pipeline.vae
+        self.decode_state = vae.decode_state()
+        self.frames_out = 0
+        self.blocks_in = 0
+        self.encode_state = vae.encode_state() if state.v2v else None
+        self.controller = MotionNoiseController(pipeline.spec.noise) if state.v2v else None
+        self._pending: Tensor | None = None  # input pixels [1, 3, t, H, W] not yet encoded
+        self._last_frame: Tensor | None = None  # the input frame before the pending ones
+
+    @property
+    def frames_per_block(self) -> int:
+        return self.pipeline.runner.frames_per_block
+
+    def block_frames(self, block: int) -> int:
+        """Video frames block `block` decodes to (and, for v2v, consumes)."""
+        f = self.frames_per_block
+        return video_frames(f) if block == 0 else 4 * f
+
+    # -- prompt changes -------------------------------------------------------------------------
+
+    def set_prompt(self, prompt: str | WeightedPrompt, *, transition_blocks: int = 0) -> None:
+        """Change the prompt from the next block on, at once or over `transition_blocks` blocks."""
+        target = self.pipeline.embed(prompt)
+        if transition_blocks > 0:
+            self.transition = PromptTransition(self.embedding, target, transition_blocks,
+                                               self.pipeline.spec.blend_method)  # type: ignore[arg-type]
+            self._transition_block = 0
+            self._apply(self.transition.at(0))
+        else:
+            self.transition = None
+            self._apply(target)
+
+    def before_block(self) -> None:
+        """Advance a running prompt transition by one block (call once per block, before it starts)."""
+        if self.transition is None or self.state.in_block:
+            return
+        self._transition_block += 1
+        self._apply(self.transition.at(self._transition_block))
+        if self.transition.done(self._transition_block):
+            self.transition = None
+
+    def _apply(self, embedding: Tensor) -> None:
+        self.embedding = embedding
+        self.pipeline.runner.set_prompt(self.state, self.pipeline.prompt_kv(embedding))
+
+    # -- video-to-video input -------------------------------------------------------------------
+
+    def push_frames(self, frames: np.ndarray) -> int:
+        """Add input frames (uint8 [T, H, W, 3] at the model's resolution); encodes every complete
+        block's worth and queues it. Returns the number of blocks queued by this call."""
+        if self.encode_state is None or self.controller is None:
+            raise ValueError("push_frames on a text-to-video session")
+        w, h = self.pipeline.resolution
+        if frames.ndim != 4 or frames.shape[1:] != (h, w, 3):
+            raise ValueError(f"input frames must be [T, {h}, {w}, 3], got {tuple(frames.shape)}")
+        px = to_pixels(frames, self.pipeline.runner.device)[None]
+        self._pending = px if self._pending is None else torch.cat([self._pending, px], dim=2)
+        queued = 0
+        while self._pending is not None and self._pending.shape[2] >= self.block_frames(self.blocks_in):
+            n = self.block_frames(self.blocks_in)
+            chunk, rest = self._pending[:, :, :n], self._pending[:, :, n:]
+            self._pending = rest if rest.shape[2] else None
+            self._encode_block(chunk)
+            queued += 1
+        return queued
+
+    def _encode_block(self, chunk: Tensor) -> None:
+        vae = self.pipeline.vae
+        assert self.controller is not None
+        scale, t0 = self.controller.update(chunk, self._last_frame)
+        self._last_frame = chunk[:, :, -1:]
+        z = vae.encode_chunk(chunk.to(self._vae_dtype()), self.encode_state)[0]
+        self.pipeline.runner.add_input(self.state, BlockInput(z, scale, t0))
+        self.blocks_in += 1
+
+    def _vae_dtype(self) -> torch.dtype:
+        return next(self.pipeline.vae.parameters()).dtype  # type: ignore[attr-defined]
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def decode(self, x0: Tensor) -> np.ndarray:
+        """A finished block's clean latents [C, F, h, w] → its video frames, uint8 [T, H, W, 3]."""
+        px = self.pipeline.vae.decode_chunk(x0[None].to(self._vae_dtype()), self.decode_state)
+        frames = to_uint8(px[0])
+        self.frames_out += len(frames)
+        return frames
+
+    def release(self) -> None:
+        self.decode_state = self.encode_state = self._pending = self._last_frame = None
+
+
+def run_block(runner: BlockRunner, state: StreamState) -> Tensor:
+    """Run one session's forwards until its current block's clean latents come out (the previous
+    block's pending context pass, if any, runs first)."""
+    while True:
+        (x0,) = runner.run([state])
+        if x0 is not None:
+            return x0
+
+
+def generate(
+    pipeline: VideoPipeline,
+    prompt: str | WeightedPrompt,
+    *,
+    frames: int,
+    seed: int,
+    num_steps: int | None = None,
+    input_frames: np.ndarray | None = None,
+    on_frames: Callable[[np.ndarray], None],
+) -> int:
+    """Generate exactly `frames` frames for one session, handing them to `on_frames` block by block.
+
+    Blocks come in whole units, so the last block may decode past `frames`; the surplus is cut.
+    For v2v the input is padded by repeating its last frame up to the block boundary.
+    Returns the number of frames emitted (always `frames`).
+    """
+    if frames <= 0:
+        raise ValueError(f"frames must be positive, got {frames}")
+    v2v = input_frames is not None
+    session = pipeline.open("generate", prompt, seed=seed, num_steps=num_steps, v2v=v2v)
+    try:
+        emitted, block, used = 0, 0, 0
+        while emitted < frames:
+            if input_frames is not None:
+                need = session.block_frames(block)
+                chunk = input_frames[used:used + need]
+                if len(chunk) < need:
+                    last = input_frames[-1:] if len(input_frames) else chunk[-1:]
+                    chunk = np.concatenate([chunk, np.repeat(last, need - len(chunk), axis=0)])
+                used += need
+                session.push_frames(chunk)
+            session.before_block()
+            out = session.decode(run_block(pipeline.runner, session.state))
+            take = out[: frames - emitted]
+            on_frames(take)
+            emitted += len(take)
+            block += 1
+        return emitted
+    finally:
+        pipeline.close(session)
