@@ -26,6 +26,7 @@ from rollcast.workers.checkpoint import (
 )
 from rollcast.workers.checkpoint_keys import is_diffusers_layout, to_wan_layout
 from rollcast.workers.model_config import PRESETS, ModelConfig
+from rollcast.workers.model_files import write_model_dir
 from rollcast.workers.stream_generator import (
     DTYPES,
     build_runner,
@@ -70,6 +71,12 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 def cmd_checkpoint_synth(args: argparse.Namespace) -> int:
     cfg = ModelConfig.preset(args.config)
+    if args.model_dir:
+        files = write_model_dir(cfg, args.output, seed=args.seed, dtype=parse_dtype(args.dtype, "cpu"),
+                                dit_format=args.format)
+        print(json.dumps({"written": str(files.root), "config": cfg.name, "dit": files.dit.name,
+                          "tokenizer": bool(files.tokenizer)}))
+        return 0
     model = synthetic_model(cfg, seed=args.seed, dtype=parse_dtype(args.dtype, "cpu"))
     path = write_checkpoint(model.state_dict(), args.output, args.format, config=cfg)
     print(json.dumps({"written": str(path), "config": cfg.name, "format": args.format}))
@@ -117,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="safetensors", choices=WRITE_FORMATS)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-dir", action="store_true",
+                   help="write a whole model directory (DiT, both VAEs, text encoder, tokenizer) "
+                        "under the published file names")
     p.set_defaults(func=cmd_checkpoint_synth)
     p = cks.add_parser("inspect", help="read a checkpoint and check it fits a config")
     p.add_argument("path", type=Path)
@@ -131,7 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (CheckpointError, ValueError, OSError) as e:
-        print(f"rollcast: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # always one line
+        print(f"rollcast: error: {message}", file=sys.stderr)
         return 2
 
 

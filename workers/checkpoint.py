@@ -87,7 +87,9 @@ def _load_pickle(path: Path, container: str | None) -> dict[str, Tensor]:
                 raise
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from e
+        # torch's unpickling errors run to paragraphs; the first line names the problem.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first})") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     keys = (container,) if container else CONTAINER_KEYS

@@ -13,7 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rollcast.workers.checkpoint import PICKLE_SUFFIXES, CheckpointError
+import torch
+
+from rollcast.workers.checkpoint import PICKLE_SUFFIXES, CheckpointError, WriteFormat
+from rollcast.workers.model_config import ModelConfig
 
 WAN_VAE_FILE = "Wan2.1_VAE.pth"
 TINY_VAE_FILES = ("taew2_1.safetensors", "taew2_1.pth", "safetensors/taew2_1.safetensors")
@@ -91,3 +94,42 @@ def _find_dit(root: Path) -> Path:
             return root / name
     raise CheckpointError(f"{root}: no DiT checkpoint inside (a distilled .pt/.safetensors or "
                           f"{BASE_DIT_PREFIX}.safetensors)")
+
+
+def write_model_dir(
+    config: ModelConfig,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    dit_format: WriteFormat = "safetensors",
+) -> ModelFiles:
+    """Write a complete model directory of random weights under the published names: the same
+    weights `seed` gives every component when no checkpoint is used, so loading the directory
+    reproduces the checkpoint-free run exactly. The tokenizer is written only for text encoders
+    with a built-in one (the tiny preset); a real umT5 directory needs google/umt5-xxl's files."""
+    from rollcast.workers.checkpoint import synthetic_model, write_checkpoint
+    from rollcast.workers.text_encoder import (
+        TextEncoderConfig,
+        builtin_tokenizer,
+        synthetic_wan_t5_state_dict,
+    )
+    from rollcast.workers.tiny_vae import write_tiny_vae_checkpoint
+    from rollcast.workers.vae import build_vae
+    from rollcast.workers.wan_vae import write_wan_vae_checkpoint
+
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    dit_name = {"safetensors": f"{BASE_DIT_PREFIX}.safetensors",
+                "safetensors-sharded": ".", "diffusers": "."}.get(dit_format, "model.pt")
+    write_checkpoint(synthetic_model(config, seed=seed, dtype=dtype).state_dict(), root / dit_name,
+                     dit_format, config=config)
+    write_wan_vae_checkpoint(build_vae("wan", config.vae_size, seed=seed, dtype=dtype),  # type: ignore[arg-type]
+                             root / WAN_VAE_FILE)
+    write_tiny_vae_checkpoint(build_vae("tiny", config.vae_size, seed=seed, dtype=dtype),  # type: ignore[arg-type]
+                              root / TINY_VAE_FILES[0])
+    text_cfg = TextEncoderConfig.preset(config.text_encoder)
+    torch.save(synthetic_wan_t5_state_dict(text_cfg, seed, dtype), root / TEXT_ENCODER_FILE)
+    if text_cfg.builtin_tokenizer is not None:
+        builtin_tokenizer(text_cfg.builtin_tokenizer).save_pretrained(str(root / TOKENIZER_DIRS[1]))
+    return ModelFiles.resolve(root)

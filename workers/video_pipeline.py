@@ -56,7 +56,7 @@ def build_text_encoder(spec: WorkerSpec, files: ModelFiles | None) -> TextEncode
     if files is not None and files.text_encoder is not None:
         weights, tokenizer = files.text()
         enc: TextEncoder = UMT5TextEncoder.from_wan_checkpoint(
-            weights, tokenizer, device=spec.device, dtype=spec.dtype)
+            weights, tokenizer, device=spec.device, dtype=spec.dtype, text_len=cfg.text_len)
     else:
         enc = UMT5TextEncoder.synthetic(TextEncoderConfig.preset(cfg.text_encoder), seed=spec.seed,
                                         device=spec.device, dtype=spec.dtype)
