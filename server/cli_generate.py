@@ -41,6 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="v2v: initial noise scale of the motion-aware controller (default 0.8)")
     p.add_argument("--fixed-noise", action="store_true",
                    help="v2v: keep the noise scale fixed instead of adapting it to motion")
+    p.add_argument("--switch", action="append", default=[], metavar="FRAME:PROMPT",
+                   help="change the prompt at this output frame (from the first block starting at or "
+                        "after it); repeatable")
+    p.add_argument("--transition-blocks", type=int, default=0,
+                   help="blend into each switched prompt over this many blocks (default: at once)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -49,11 +54,24 @@ def _check_frames(n: int | None) -> None:
         raise ValueError(f"--frames must be a positive number of frames, got {n}")
 
 
+def parse_switches(items: list[str]) -> list[tuple[int, str]]:
+    out = []
+    for item in items:
+        frame, sep, prompt = item.partition(":")
+        if not sep or not frame.strip().isdigit():
+            raise ValueError(f"--switch must look like FRAME:PROMPT with FRAME >= 0, got {item!r}")
+        out.append((int(frame), prompt))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     _check_frames(args.frames)
     out = check_output_path(args.output)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    switches = parse_switches(args.switch)
+    if args.transition_blocks < 0:
+        raise ValueError(f"--transition-blocks must be >= 0, got {args.transition_blocks}")
     v2v = args.input is not None
     worker = worker_spec(args, v2v=v2v)
     cfg = worker.config
@@ -81,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             generate(pipeline, args.prompt, frames=frames, seed=args.seed, num_steps=args.steps,
-                     input_frames=input_frames, on_frames=emit)
+                     input_frames=input_frames, switches=switches,
+                     transition_blocks=args.transition_blocks, on_frames=emit)
         finally:
             bar.close()
     if worker.device.startswith("cuda"):

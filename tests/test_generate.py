@@ -132,3 +132,16 @@ def test_a_model_directory_reproduces_the_checkpoint_free_run(tmp_path: Path, ca
     err = fail(capsys, "--prompt", "x", "--checkpoint", str(ck), "-o", str(tmp_path / "x.npy"))
     assert "models_t5_umt5-xxl-enc-bf16.pth" in err
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_prompt_switch_flags(tmp_path: Path, capsys) -> None:
+    base = ["--prompt", "a red circle", "--frames", "21", "--seed", "2"]
+    generate(capsys, *base, "-o", str(tmp_path / "a.npy"))
+    generate(capsys, *base, "--switch", "9:a blue square", "--transition-blocks", "2",
+             "-o", str(tmp_path / "b.npy"))
+    a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
+    np.testing.assert_array_equal(a[:9], b[:9])
+    assert not np.array_equal(a[9:], b[9:])
+    assert "FRAME:PROMPT" in fail(capsys, *base, "--switch", "soon:x", "-o", str(tmp_path / "c.npy"))
+    assert "--transition-blocks must be >= 0" in fail(capsys, *base, "--transition-blocks", "-1",
+                                                      "-o", str(tmp_path / "c.npy"))

@@ -157,20 +157,21 @@ class VideoSession:
     # -- prompt changes -------------------------------------------------------------------------
 
     def set_prompt(self, prompt: str | WeightedPrompt, *, transition_blocks: int = 0) -> None:
-        """Change the prompt from the next block on, at once or over `transition_blocks` blocks."""
+        """Change the prompt from the next block on: at once, or blended over `transition_blocks`
+        blocks (the next block gets the first blend step, `before_block` advances it)."""
         target = self.pipeline.embed(prompt)
         if transition_blocks > 0:
             self.transition = PromptTransition(self.embedding, target, transition_blocks,
                                                self.pipeline.spec.blend_method)  # type: ignore[arg-type]
-            self._transition_block = 0
-            self._apply(self.transition.at(0))
+            self._transition_block = -1
         else:
             self.transition = None
             self._apply(target)
 
     def before_block(self) -> None:
-        """Advance a running prompt transition by one block (call once per block, before it starts)."""
-        if self.transition is None or self.state.in_block:
+        """Call once per block, after the previous block's latents came out and before the new
+        block's first step: advances a running prompt transition by one block."""
+        if self.transition is None:
             return
         self._transition_block += 1
         self._apply(self.transition.at(self._transition_block))
@@ -244,17 +245,22 @@ def generate(
     seed: int,
     num_steps: int | None = None,
     input_frames: np.ndarray | None = None,
+    switches: Sequence[tuple[int, str]] = (),
+    transition_blocks: int = 0,
     on_frames: Callable[[np.ndarray], None],
 ) -> int:
     """Generate exactly `frames` frames for one session, handing them to `on_frames` block by block.
 
     Blocks come in whole units, so the last block may decode past `frames`; the surplus is cut.
     For v2v the input is padded by repeating its last frame up to the block boundary.
+    `switches` are (frame, prompt) changes: each takes effect at the first block that starts at or
+    after its frame, at once or over `transition_blocks` blocks.
     Returns the number of frames emitted (always `frames`).
     """
     if frames <= 0:
         raise ValueError(f"frames must be positive, got {frames}")
     v2v = input_frames is not None
+    pending = sorted(switches, key=lambda s: s[0])
     session = pipeline.open("generate", prompt, seed=seed, num_steps=num_steps, v2v=v2v)
     try:
         emitted, block, used = 0, 0, 0
@@ -267,6 +273,8 @@ def generate(
                     chunk = np.concatenate([chunk, np.repeat(last, need - len(chunk), axis=0)])
                 used += need
                 session.push_frames(chunk)
+            while pending and pending[0][0] <= emitted:
+                session.set_prompt(pending.pop(0)[1], transition_blocks=transition_blocks)
             session.before_block()
             out = session.decode(run_block(pipeline.runner, session.state))
             take = out[: frames - emitted]
