@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -74,7 +74,7 @@ def _load_index(path: Path) -> dict[str, Tensor]:
     absent = sorted(k for k in weight_map if k not in out)
     if absent:
         raise CheckpointError(f"{path}: keys listed in the index are not in their shards: "
-                              f"{_preview(absent)}")
+                              f"{preview(absent)}")
     return out
 
 
@@ -99,10 +99,10 @@ def _load_pickle(path: Path, container: str | None) -> dict[str, Tensor]:
             break
     else:
         if container:
-            raise CheckpointError(f"{path}: no {container!r} entry (has {_preview(sorted(obj))})")
+            raise CheckpointError(f"{path}: no {container!r} entry (has {preview(sorted(obj))})")
     bad = sorted(k for k, v in obj.items() if not isinstance(v, Tensor))
     if bad:
-        raise CheckpointError(f"{path}: entries that are not tensors: {_preview(bad)}")
+        raise CheckpointError(f"{path}: entries that are not tensors: {preview(bad)}")
     return dict(obj)
 
 
@@ -140,9 +140,22 @@ def read_state_dict(path: str | Path, *, container: str | None = None) -> dict[s
 # -- fitting a model ------------------------------------------------------------------------------
 
 
-def _preview(items: list[str], n: int = 12) -> str:
+def preview(items: list[str], n: int = 12) -> str:
     shown = ", ".join(items[:n])
     return f"{shown} (+{len(items) - n} more)" if len(items) > n else shown
+
+
+def key_mismatch(expected: Mapping[str, torch.Size], sd: Mapping[str, Tensor], *,
+                 ignore: Collection[str] = ()) -> str | None:
+    """What keeps `sd` from fitting `expected` (missing, unexpected and mis-shaped keys, first few
+    of each), or None when it fits exactly. Keys in `ignore` are neither missing nor unexpected."""
+    missing = sorted(k for k in expected if k not in sd and k not in ignore)
+    unexpected = sorted(k for k in sd if k not in expected and k not in ignore)
+    misshaped = sorted(f"{k} {tuple(sd[k].shape)} != {tuple(v)}"
+                       for k, v in expected.items() if k in sd and sd[k].shape != v)
+    parts = [f"{label} ({len(keys)}): {preview(keys)}" for label, keys in
+             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+    return "; ".join(parts) or None
 
 
 def check_state_dict(model: CausalWanModel, sd: Mapping[str, Tensor]) -> None:
@@ -150,22 +163,29 @@ def check_state_dict(model: CausalWanModel, sd: Mapping[str, Tensor]) -> None:
 
     Blocks outside the model's layer range (a pipeline stage) are neither missing nor unexpected.
     """
-    expected = model.state_dict()
+    expected = {k: v.shape for k, v in model.state_dict().items()}
     held = {str(i) for i in model.layers}
     other_layers = {
         k for k in sd if k.startswith("blocks.") and k.split(".")[1] not in held
         and k.split(".")[1].isdigit() and int(k.split(".")[1]) < model.config.num_layers
     }
-    missing = sorted(k for k in expected if k not in sd)
-    unexpected = sorted(k for k in sd if k not in expected and k not in other_layers)
-    misshaped = sorted(
-        f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items() if k in sd and sd[k].shape != v.shape
-    )
-    if missing or unexpected or misshaped:
-        parts = [f"{label} ({len(keys)}): {_preview(keys)}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-        raise CheckpointError(f"checkpoint does not fit {model.config.name}: " + "; ".join(parts))
+    problem = key_mismatch(expected, sd, ignore=other_layers)
+    if problem:
+        raise CheckpointError(f"checkpoint does not fit {model.config.name}: {problem}")
+
+
+def write_state_dict(sd: Mapping[str, Tensor], path: str | Path) -> Path:
+    """A raw state dict as `.pth`/`.pt` (torch.save) or `.safetensors`, as the VAEs are published."""
+    out = Path(path)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        save_file(cpu, str(out))
+    elif out.suffix in (".pth", ".pt"):
+        torch.save(cpu, str(out))
+    else:
+        raise ValueError(f"{out}: write a .pth, .pt or .safetensors file")
+    return out
 
 
 def load_checkpoint(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from rollcast.workers.checkpoint import CheckpointError
+from rollcast.workers.checkpoint import CheckpointError, preview
 
 if TYPE_CHECKING:
     from transformers import UMT5Config
@@ -53,14 +53,9 @@ RELATIVE_ATTENTION_MAX_DISTANCE = 128
 LAYER_NORM_EPS = 1e-6
 
 
-def _preview(items: list[str], n: int = 12) -> str:
-    shown = ", ".join(items[:n])
-    return f"{shown} (+{len(items) - n} more)" if len(items) > n else shown
-
-
 def _raise_if(missing: list[str], unexpected: list[str], layout: str) -> None:
     if missing or unexpected:
-        parts = [f"{label} ({len(keys)}): {_preview(keys)}" for label, keys in
+        parts = [f"{label} ({len(keys)}): {preview(keys)}" for label, keys in
                  (("missing", missing), ("unexpected", unexpected)) if keys]
         raise CheckpointError(f"not a umT5 encoder state dict in {layout} layout: " + "; ".join(parts))
 

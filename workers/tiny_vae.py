@@ -38,10 +38,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from rollcast.workers.checkpoint import CheckpointError, read_state_dict
+from rollcast.workers.checkpoint import CheckpointError, key_mismatch, read_state_dict, write_state_dict
 
 # Raw decoder frames dropped at the start of a stream (taehv's frames_to_trim = t_upscale - 1).
 FRAMES_TO_TRIM = 3
@@ -481,35 +480,14 @@ class TinyVAE(nn.Module):
 # -- checkpoints -------------------------------------------------------------------------------------
 
 
-def _preview(items: list[str], n: int = 12) -> str:
-    shown = ", ".join(items[:n])
-    return f"{shown} (+{len(items) - n} more)" if len(items) > n else shown
-
-
 def check_tiny_state_dict(vae: TinyVAE, sd: dict[str, Tensor], *, source: str = "checkpoint") -> None:
     """Raise `CheckpointError` unless `sd` has exactly the model's keys and shapes."""
-    expected = {k: v.shape for k, v in vae.state_dict().items()}
-    missing = sorted(k for k in expected if k not in sd)
-    unexpected = sorted(k for k in sd if k not in expected)
-    misshaped = sorted(f"{k} {tuple(sd[k].shape)} != {tuple(s)}"
-                       for k, s in expected.items() if k in sd and sd[k].shape != s)
-    if missing or unexpected or misshaped:
-        parts = [f"{label} ({len(keys)}): {_preview(keys)}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-        raise CheckpointError(f"{source} does not fit the tiny VAE {vae.config.name!r}: "
-                              + "; ".join(parts))
+    problem = key_mismatch({k: v.shape for k, v in vae.state_dict().items()}, sd)
+    if problem:
+        raise CheckpointError(f"{source} does not fit the tiny VAE {vae.config.name!r}: {problem}")
 
 
 def write_tiny_vae_checkpoint(vae: TinyVAE, path: str | Path) -> Path:
     """Write the weights as taehv publishes them: `.pth`/`.pt` (torch.save of the raw state dict)
     or `.safetensors`. Returns the path written."""
-    out = Path(path)
-    sd = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".safetensors":
-        save_file(sd, str(out))
-    elif out.suffix in (".pth", ".pt"):
-        torch.save(sd, str(out))
-    else:
-        raise ValueError(f"{out}: write a .pth, .pt or .safetensors file")
-    return out
+    return write_state_dict(vae.state_dict(), path)

@@ -33,10 +33,9 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from rollcast.workers.checkpoint import CheckpointError, read_state_dict
+from rollcast.workers.checkpoint import CheckpointError, key_mismatch, read_state_dict, write_state_dict
 
 # Per-channel statistics of Wan2.1 latents: the DiT works on (mu - mean) / std.
 WAN_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -475,15 +474,9 @@ class WanVAE(nn.Module):
         """Assign Wan-named `weights` (cast to `dtype` on `device`); `CheckpointError` unless
         their keys and shapes are exactly this model's."""
         expected = {k: v.shape for k, v in self.state_dict().items()}
-        missing = sorted(k for k in expected if k not in weights)
-        unexpected = sorted(k for k in weights if k not in expected)
-        misshaped = sorted(f"{k} {tuple(weights[k].shape)} != {tuple(s)}"
-                           for k, s in expected.items() if k in weights and weights[k].shape != s)
-        if missing or unexpected or misshaped:
-            parts = [f"{label} ({len(keys)}): {_preview(keys)}" for label, keys in
-                     (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
-            raise CheckpointError(f"{source}: does not fit the Wan VAE ({self.config.name}): "
-                                  + "; ".join(parts))
+        problem = key_mismatch(expected, weights)
+        if problem:
+            raise CheckpointError(f"{source}: does not fit the Wan VAE ({self.config.name}): {problem}")
         self.load_state_dict({k: weights[k].to(device=device, dtype=dtype) for k in expected},
                              strict=True, assign=True)
         self.latent_mean = _channel_vector(self.config.latent_mean, device=device, dtype=dtype)
@@ -512,16 +505,7 @@ def random_wan_vae_weights(vae: WanVAE, seed: int = 0) -> dict[str, Tensor]:
 def write_wan_vae_checkpoint(vae: WanVAE, path: str | Path) -> Path:
     """Write `vae`'s weights as Wan ships them: `torch.save(state_dict)` for `.pth`/`.pt`, or a
     safetensors file for `.safetensors`."""
-    out = Path(path)
-    sd = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".safetensors":
-        save_file(sd, str(out))
-    elif out.suffix in (".pth", ".pt"):
-        torch.save(sd, str(out))
-    else:
-        raise ValueError(f"{out}: write a .pth, .pt or .safetensors file")
-    return out
+    return write_state_dict(vae.state_dict(), path)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -549,11 +533,6 @@ def _check_shape(state: _StreamState, x: Tensor) -> None:
     elif state.shape != shape:
         raise ValueError(f"chunk has batch {shape[0]} and size {shape[1]}x{shape[2]}, but this stream "
                          f"has batch {state.shape[0]} and size {state.shape[1]}x{state.shape[2]}")
-
-
-def _preview(items: list[str], n: int = 8) -> str:
-    shown = ", ".join(items[:n])
-    return f"{shown} (+{len(items) - n} more)" if len(items) > n else shown
 
 
 __all__ = [
