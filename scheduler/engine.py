@@ -1,0 +1,311 @@
+"""The engine: one loop that owns all scheduling state and drives an executor.
+
+Four verbs per tick:
+- `schedule(now)`: admit queued sessions that now fit, let the degradation controller act, and
+  ask the policy for the next micro-batch;
+- `submit(batch)`: hand it to the executor;
+- `collect()`: wait for the executor's result;
+- `update(result)`: advance the sessions, stamp finished chunks against their deadlines, feed the
+  measured time back into the cost model, emit events.
+
+Clients call `open_session` / `close_session` / `set_steps` from any thread; the engine's lock
+serialises them with the loop. The loop runs in its own thread (`start`) for serving, or is
+stepped directly (`tick`, `run_until`) on a fake clock by tests and the simulator.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rollcast.scheduler.admission import AdmissionConfig, AdmissionController, AdmissionDecision, spec_of
+from rollcast.scheduler.clock import Clock
+from rollcast.scheduler.cost_model import CostModel
+from rollcast.scheduler.degradation import Change, DegradationConfig, DegradationController
+from rollcast.scheduler.events import EngineEvent, EventKind
+from rollcast.scheduler.executor import Executor
+from rollcast.scheduler.policies import Policy
+from rollcast.scheduler.session import BlockGeometry, SessionRecord, SessionRequest
+from rollcast.scheduler.work import BatchResult, MicroBatch
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    learn_costs: bool = True  # update the cost model from measured batch times
+
+
+class Engine:
+    def __init__(
+        self,
+        executor: Executor,
+        cost: CostModel,
+        policy: Policy,
+        *,
+        clock: Clock,
+        geometry: Callable[[SessionRequest], BlockGeometry],
+        config: EngineConfig | None = None,
+        on_event: Callable[[EngineEvent], None] | None = None,
+    ) -> None:
+        self.executor = executor
+        self.cost = cost
+        self.policy = policy
+        self.clock = clock
+        self.geometry = geometry
+        self.config = config or EngineConfig()
+        self.admission = AdmissionController(self.config.admission, cost, self.config.max_batch)
+        self.degradation = DegradationController(self.config.degradation)
+        self.sessions: dict[str, SessionRecord] = {}  # every session ever seen, by id
+        self.active: dict[str, SessionRecord] = {}
+        self.queue: deque[SessionRecord] = deque()
+        # Recent events for inspection (tests, the simulator, debugging); frames are not kept.
+        self.events: deque[EngineEvent] = deque(maxlen=200_000)
+        self._on_event = on_event
+        self._misses_since_check = 0
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.batches = 0
+        self.batched_items = 0
+
+    # -- client calls (any thread) -------------------------------------------------------------
+
+    def open_session(self, request: SessionRequest) -> AdmissionDecision:
+        with self._lock:
+            if request.session_id in self.sessions:
+                raise ValueError(f"session {request.session_id!r} exists already")
+            now = self.clock.now()
+            rec = SessionRecord(request, self.geometry(request), t_arrival=now)
+            rec.lanes = self.policy.lanes(request)
+            self.sessions[request.session_id] = rec
+            decision = self._decide(rec, now, allow_queue=True)
+            if decision.outcome == "admitted":
+                self._admit(rec, now, decision)
+            elif decision.outcome == "queued":
+                self.queue.append(rec)
+                self._emit("queued", now, rec, position=decision.queue_position,
+                           estimated_wait_s=decision.estimated_wait_s)
+            else:
+                rec.state = "rejected"
+                self._emit("rejected", now, rec, reason=decision.reason,
+                           retry_after_s=decision.retry_after_s)
+            self._wake.notify_all()
+            return decision
+
+    def close_session(self, session_id: str, reason: str = "closed") -> None:
+        with self._lock:
+            rec = self.sessions.get(session_id)
+            if rec is None:
+                raise KeyError(session_id)
+            now = self.clock.now()
+            if rec in self.queue:
+                self.queue.remove(rec)
+            if rec.state in ("active", "queued"):
+                self._end(rec, now, "finished", reason=reason)
+
+    def set_steps(self, session_id: str, steps: int) -> None:
+        with self._lock:
+            rec = self.active[session_id]
+            if not 1 <= steps <= rec.request.steps:
+                raise ValueError(f"steps must lie in [1, {rec.request.steps}], got {steps}")
+            rec.set_steps(steps)
+            self.executor.set_steps(session_id, steps)
+
+    # -- the four verbs ---------------------------------------------------------------------------
+
+    def schedule(self, now: float) -> MicroBatch | None:
+        with self._lock:
+            self._admit_from_queue(now)
+            self._degrade_or_recover(now)
+            return self.policy.next_batch(now, list(self.active.values()), self.cost, self.config.max_batch)
+
+    def submit(self, batch: MicroBatch) -> None:
+        self.executor.submit(batch)
+
+    def collect(self) -> BatchResult:
+        return self.executor.collect()
+
+    def update(self, result: BatchResult) -> None:
+        with self._lock:
+            self.batches += 1
+            self.batched_items += len(result.batch.items)
+            if self.config.learn_costs and not result.failed:
+                self.cost.observe(result.batch.batch_shape(), result.seconds)
+            for item in result.batch.items:
+                rec = self.sessions[item.session_id]
+                if rec.state != "active":
+                    continue  # closed while its forward ran
+                if item.session_id in result.failed:
+                    self._end(rec, result.finished, "failed", reason=result.failed[item.session_id])
+                    continue
+                rec.stats.batch_sizes.append(len(result.batch.items))
+                rec.t_ready = result.finished
+                if rec.advance(item):
+                    self._chunk_done(rec, item.block, result)
+
+    # -- loops --------------------------------------------------------------------------------
+
+    def tick(self) -> bool:
+        """One schedule/submit/collect/update round; False when there was nothing to run."""
+        batch = self.schedule(self.clock.now())
+        if batch is None:
+            return False
+        self.submit(batch)
+        self.update(self.collect())
+        return True
+
+    def run_until(self, t_end: float, arrivals: Callable[[float], float | None] | None = None) -> None:
+        """Step the loop until `t_end` on the engine's clock. `arrivals(now)` opens the sessions
+        due by now and returns when the next one is due (None: no more)."""
+        while self.clock.now() < t_end:
+            next_arrival = arrivals(self.clock.now()) if arrivals else None
+            if self.tick():
+                continue
+            wake = min(t for t in (next_arrival, self._next_timer(), t_end) if t is not None)
+            if wake <= self.clock.now():
+                wake = self.clock.now() + 1e-3
+            self.clock.sleep_until(wake)
+
+    def start(self) -> None:
+        """Run the loop in its own thread until `stop`."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._running = True
+            self._thread = threading.Thread(target=self._serve, name="rollcast-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        with self._lock:
+            self._running = False
+            self._wake.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                if not self._running:
+                    return
+            if self.tick():
+                continue
+            with self._lock:
+                if self._running:
+                    timer = self._next_timer()
+                    wait = 0.05 if timer is None else max(0.0, min(0.05, timer - self.clock.now()))
+                    self._wake.wait(wait)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _next_timer(self) -> float | None:
+        """The next time something may change without an arrival (queue timeouts, degradation)."""
+        if self.queue:
+            return self.clock.now() + self.config.degradation.min_interval_s
+        return None
+
+    def _decide(self, rec: SessionRecord, now: float, *, allow_queue: bool) -> AdmissionDecision:
+        if not self.policy.admission:
+            return AdmissionDecision("admitted")
+        return self.admission.decide(rec, list(self.active.values()), now=now, queue_len=len(self.queue),
+                                     allow_queue=allow_queue, allow_degrade=self.policy.degradation)
+
+    def _admit(self, rec: SessionRecord, now: float, decision: AdmissionDecision) -> None:
+        rec.admit(now, lanes=rec.lanes)
+        self.executor.open(rec)
+        self.active[rec.session_id] = rec
+        self._emit("admitted", now, rec, wait_s=now - rec.t_arrival, lanes=rec.lanes,
+                   predicted_load=round(decision.predicted_load, 4))
+        for sid, steps in decision.degrade:
+            target = self.active[sid]
+            change = Change(sid, "steps", target.pending_steps or target.steps, steps, "degraded")
+            self._apply(change, now)
+            self.degradation.note_degraded(sid, now)
+
+    def _admit_from_queue(self, now: float) -> None:
+        while self.queue:
+            head = self.queue[0]
+            decision = self._decide(head, now, allow_queue=False)
+            if decision.outcome == "admitted":
+                self.queue.popleft()
+                self._admit(head, now, decision)
+                continue
+            if now - head.t_arrival > self.config.admission.max_queue_wait_s:
+                self.queue.popleft()
+                self._end(head, now, "rejected", reason="capacity_exhausted",
+                          retry_after_s=self.config.admission.default_retry_after_s)
+                continue
+            return
+
+    def _degrade_or_recover(self, now: float) -> None:
+        if not self.policy.degradation:
+            return
+        change = self.degradation.step(now, list(self.active.values()), self._misses_since_check,
+                                       self.admission.load)
+        self._misses_since_check = 0
+        if change is not None:
+            self._apply(change, now)
+
+    def _apply(self, change: Change, now: float) -> None:
+        rec = self.active[change.session_id]
+        if change.kind == "steps":
+            rec.set_steps(int(change.new))
+            self.executor.set_steps(rec.session_id, int(change.new))
+        else:
+            rec.set_fps(change.new)
+        self.degradation.applied(rec)
+        self._emit(change.direction, now, rec, what=change.kind, old=change.old, new=change.new)  # type: ignore[arg-type]
+
+    def _chunk_done(self, rec: SessionRecord, block: int, result: BatchResult) -> None:
+        geo = rec.geometry
+        now = result.finished
+        deadline = rec.deadline(block)
+        late = now - deadline
+        st = rec.stats
+        st.chunks += 1
+        st.frames += geo.frames_of(block)
+        if st.t_first_frame is None:
+            st.t_first_frame = now
+        self._emit("frames_ready", now, rec, block=block, first_frame=geo.first_frame_of(block),
+                   num_frames=geo.frames_of(block), deadline=deadline, late_s=max(0.0, late),
+                   steps=rec.steps, frames=result.frames.get(rec.session_id))
+        if late > 0:
+            st.late_chunks += 1
+            st.max_lateness_s = max(st.max_lateness_s, late)
+            self._misses_since_check += 1
+            self._emit("deadline_miss", now, rec, block=block, late_s=late)
+        if rec.done:
+            self._end(rec, now, "finished", reason="completed")
+
+    def _end(self, rec: SessionRecord, now: float, state: str, **data: object) -> None:
+        was_active = rec.state == "active"
+        rec.state = state  # type: ignore[assignment]
+        rec.t_finished = now
+        self.active.pop(rec.session_id, None)
+        if was_active:
+            self.executor.close(rec.session_id)
+        self.degradation.applied(rec)
+        kinds: dict[str, EventKind] = {"rejected": "rejected", "failed": "failed"}
+        kind = kinds.get(state, "finished")
+        self._emit(kind, now, rec, **data)
+
+    def _emit(self, kind: EventKind, t: float, rec: SessionRecord, **data: object) -> None:
+        event = EngineEvent(kind, t, rec.session_id, dict(data))
+        if self._on_event is not None:
+            self._on_event(event)
+        if "frames" in data:
+            event = EngineEvent(kind, t, rec.session_id, {k: v for k, v in data.items() if k != "frames"})
+        self.events.append(event)
+
+    def snapshot(self) -> dict[str, object]:
+        """Load and counts for capacity endpoints and metrics."""
+        with self._lock:
+            specs = [spec_of(r) for r in self.active.values()]
+            return {"active": len(self.active), "queued": len(self.queue),
+                    "predicted_load": self.admission.load(specs),
+                    "mean_batch": self.batched_items / self.batches if self.batches else 0.0}
