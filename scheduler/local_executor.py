@@ -37,8 +37,9 @@ class LocalExecutor:
     def geometry(self, request: SessionRequest) -> BlockGeometry:
         runner = self.pipeline.runner
         if request.resolution is not None and tuple(request.resolution) != self.pipeline.resolution:
-            raise ValueError(f"this worker serves {self.pipeline.resolution[0]}x{self.pipeline.resolution[1]}; "
-                             f"got {request.resolution[0]}x{request.resolution[1]}")
+            w, h = self.pipeline.resolution
+            rw, rh = request.resolution
+            raise ValueError(f"this worker serves {w}x{h}; got {rw}x{rh}")
         pool = runner.pool
         shape = ForwardShape(runner.frames_per_block, pool.tokens_per_frame, pool.capacity,
                              self.pipeline.resolution)
@@ -109,7 +110,8 @@ class LocalExecutor:
 
     # -- start-up profile -------------------------------------------------------------------------------
 
-    def profile(self, cost: CostModel, *, batch_sizes: Sequence[int] = (1, 2, 4), repeats: int = 2) -> CostModel:
+    def profile(self, cost: CostModel, *, batch_sizes: Sequence[int] = (1, 2, 4),
+                repeats: int = 2) -> CostModel:
         """Time forwards at `batch_sizes` (and one decode) on throwaway sessions; return `cost` fitted
         to them. Needs as many free cache rows as the largest batch."""
         runner = self.pipeline.runner

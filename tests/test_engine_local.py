@@ -38,7 +38,8 @@ def test_four_sessions_through_the_engine() -> None:
 
     def on_event(e: EngineEvent) -> None:
         if e.kind == "frames_ready":
-            chunks.setdefault(e.session_id, []).append((e.data["block"], e.data["first_frame"], e.data["frames"]))
+            entry = (e.data["block"], e.data["first_frame"], e.data["frames"])
+            chunks.setdefault(e.session_id, []).append(entry)
         if e.kind in ("finished", "failed"):
             finished.add(e.session_id)
             if len(finished) == 4:

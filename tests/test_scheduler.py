@@ -162,9 +162,9 @@ def test_chunks_come_in_order_and_sessions_finish() -> None:
                                            duration_s=2.0))
     engine.run_until(30.0)
     for i in range(3):
-        blocks = [e.data["block"] for e in engine.events if e.kind == "frames_ready" and e.session_id == f"s{i}"]
-        frames = sum(e.data["num_frames"] for e in engine.events
-                     if e.kind == "frames_ready" and e.session_id == f"s{i}")
+        ready = [e for e in engine.events if e.kind == "frames_ready" and e.session_id == f"s{i}"]
+        blocks = [e.data["block"] for e in ready]
+        frames = sum(e.data["num_frames"] for e in ready)
         assert blocks == list(range(len(blocks))) and frames >= 16  # 2 s at 8 fps
         assert engine.sessions[f"s{i}"].state == "finished"
     assert engine.batched_items / engine.batches > 1  # they shared forwards
