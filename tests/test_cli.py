@@ -43,3 +43,18 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["model", "--blocks", "0"])
     assert e.value.code == 2
+
+
+def test_simulate_writes_a_report_and_rejects_bad_flags(tmp_path, capsys):
+    out = tmp_path / "sim.json"
+    assert main(["simulate", "--policy", "fifo", "--rate", "0.2", "--duration", "20",
+                 "--session-seconds", "4", "--vae", "tiny", "--seed", "2", "--json", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    report = json.loads(out.read_text())
+    assert summary["policy"] == report["policy"] == "fifo"
+    assert report["sessions"] == len(report["per_session"]) > 0
+    assert 0 <= report["slo_attainment"] <= 1 and report["mean_batch_size"] >= 1
+    assert main(["simulate", "--cost-model", "no-such-preset"]) == 2
+    assert "no-such-preset" in capsys.readouterr().err
+    assert main(["simulate", "--rates", "0.1,x"]) == 2
+    assert "--rates must be comma-separated numbers" in capsys.readouterr().err
