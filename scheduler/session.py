@@ -109,9 +109,10 @@ class SessionRecord:
     fps: float = 0.0
     lanes: int = 1
     total_blocks: int | None = None
-    # Per lane: the block it works on and the next step (lanes > 1: lane i only runs step i).
+    # The block each lane works on (lane i of a stream-batched session always runs step i) and,
+    # with one lane, the next denoising step of its block.
     lane_block: list[int] = field(default_factory=lambda: [0])
-    lane_step: list[int] = field(default_factory=lambda: [0])
+    step: int = 0
     blocks_done: int = 0
     t_ready: float = 0.0  # when its current ready work became ready (FIFO order)
     context_pending: bool = False  # the last finished block's clean context pass has not run yet
@@ -139,7 +140,7 @@ class SessionRecord:
         self.fps = self.slo.fps
         self.lanes = lanes
         self.lane_block = [0] * lanes
-        self.lane_step = list(range(lanes)) if lanes > 1 else [0]
+        self.step = 0
         self.anchor_time, self.anchor_frame = now + self.slo.ttff_s, 0
         self.t_ready = now
         if self.request.duration_s is not None:
@@ -184,7 +185,7 @@ class SessionRecord:
         if self.context_pending:
             return [WorkItem(self.session_id, 0, block, self.steps, "context", self.geometry.shape,
                              finishes_block=False, deadline=self.deadline(block))]
-        step = self.lane_step[0]
+        step = self.step
         return [WorkItem(self.session_id, 0, block, step, "denoise", self.geometry.shape,
                          finishes_block=step == self.steps - 1, deadline=self.deadline(block),
                          encodes_input=self.request.mode == "v2v" and step == 0)]
@@ -230,11 +231,11 @@ class SessionRecord:
             self.context_pending = False
             return False
         elif item.step + 1 < self.steps:
-            self.lane_step[0] = item.step + 1
+            self.step = item.step + 1
             return False
         else:
             self.lane_block[0] += 1
-            self.lane_step[0] = 0
+            self.step = 0
             self.context_pending = self.geometry.context_pass
             if self.pending_steps is not None:
                 self.steps, self.pending_steps = self.pending_steps, None

@@ -33,6 +33,9 @@ class StreamingVAE(Protocol):
     temporal_stride: int  # 4
     spatial_stride: int  # 8
 
+    @property
+    def dtype(self) -> torch.dtype: ...
+
     def encode_state(self) -> Any: ...
 
     def decode_state(self) -> Any: ...

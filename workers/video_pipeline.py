@@ -208,18 +208,16 @@ class VideoSession:
         assert self.controller is not None
         scale, t0 = self.controller.update(chunk, self._last_frame)
         self._last_frame = chunk[:, :, -1:]
-        z = vae.encode_chunk(chunk.to(self._vae_dtype()), self.encode_state)[0]
+        z = vae.encode_chunk(chunk.to(vae.dtype), self.encode_state)[0]
         self.pipeline.runner.add_input(self.state, BlockInput(z, scale, t0))
         self.blocks_in += 1
-
-    def _vae_dtype(self) -> torch.dtype:
-        return next(self.pipeline.vae.parameters()).dtype  # type: ignore[attr-defined]
 
     # -- output ---------------------------------------------------------------------------------
 
     def decode(self, x0: Tensor) -> np.ndarray:
         """A finished block's clean latents [C, F, h, w] → its video frames, uint8 [T, H, W, 3]."""
-        px = self.pipeline.vae.decode_chunk(x0[None].to(self._vae_dtype()), self.decode_state)
+        vae = self.pipeline.vae
+        px = vae.decode_chunk(x0[None].to(vae.dtype), self.decode_state)
         frames = to_uint8(px[0])
         self.frames_out += len(frames)
         return frames
@@ -268,9 +266,9 @@ def generate(
             if input_frames is not None:
                 need = session.block_frames(block)
                 chunk = input_frames[used:used + need]
-                if len(chunk) < need:
-                    last = input_frames[-1:] if len(input_frames) else chunk[-1:]
-                    chunk = np.concatenate([chunk, np.repeat(last, need - len(chunk), axis=0)])
+                if len(chunk) < need:  # past the end: repeat the last input frame
+                    pad = np.repeat(input_frames[-1:], need - len(chunk), axis=0)
+                    chunk = np.concatenate([chunk, pad])
                 used += need
                 session.push_frames(chunk)
             while pending and pending[0][0] <= emitted:
