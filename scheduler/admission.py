@@ -39,12 +39,14 @@ class AdmissionConfig:
 @dataclass(frozen=True)
 class AdmissionDecision:
     outcome: Outcome
-    reason: str | None = None  # "capacity_exhausted" | "slo_infeasible"
+    # "capacity_exhausted" | "slo_infeasible"; "unsupported" when the executor refused to open it
+    reason: str | None = None
     queue_position: int | None = None
     estimated_wait_s: float | None = None
     retry_after_s: float | None = None
     degrade: tuple[tuple[str, int], ...] = field(default_factory=tuple)  # (session_id, steps)
     predicted_load: float = 0.0
+    detail: str | None = None  # the executor's message when it refused the session
 
 
 def step_levels(steps: int, min_steps: int | None) -> list[int]:

@@ -8,9 +8,11 @@ Four verbs per tick:
 - `update(result)`: advance the sessions, stamp finished chunks against their deadlines, feed the
   measured time back into the cost model, emit events.
 
-Clients call `open_session` / `close_session` / `set_steps` from any thread; the engine's lock
-serialises them with the loop. The loop runs in its own thread (`start`) for serving, or is
-stepped directly (`tick`, `run_until`) on a fake clock by tests and the simulator.
+Clients call `open_session` / `close_session` / `set_steps` / `set_prompt` / `push_input` from any
+thread; the engine's lock serialises them with the loop (never held during a forward), and
+`push_input` wakes a loop that waits for a v2v session's input. The loop runs in its own thread
+(`start`) for serving, or is stepped directly (`tick`, `run_until`) on a fake clock by tests and
+the simulator.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from rollcast.scheduler.clock import Clock
 from rollcast.scheduler.cost_model import CostModel
 from rollcast.scheduler.degradation import Change, DegradationConfig, DegradationController
 from rollcast.scheduler.events import EngineEvent, EventKind
-from rollcast.scheduler.executor import Executor
+from rollcast.scheduler.executor import CapacityError, Executor
 from rollcast.scheduler.policies import Policy
 from rollcast.scheduler.session import BlockGeometry, SessionRecord, SessionRequest
 from rollcast.scheduler.work import BatchResult, MicroBatch
@@ -70,6 +72,7 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._running = False
+        self._in_flight: MicroBatch | None = None  # submitted, not yet through `update`
         self.batches = 0
         self.batched_items = 0
 
@@ -85,7 +88,7 @@ class Engine:
             self.sessions[request.session_id] = rec
             decision = self._decide(rec, now, allow_queue=True)
             if decision.outcome == "admitted":
-                self._admit(rec, now, decision)
+                decision = self._admit(rec, now, decision)
             elif decision.outcome == "queued":
                 self.queue.append(rec)
                 self._emit("queued", now, rec, position=decision.queue_position,
@@ -108,13 +111,37 @@ class Engine:
             if rec.state in ("active", "queued"):
                 self._end(rec, now, "finished", reason=reason)
 
-    def set_steps(self, session_id: str, steps: int) -> None:
+    def set_steps(self, session_id: str, steps: int) -> int:
+        """Change an active session's denoising steps from the block after the one it is on
+        (whether or not that one has started); returns that block's first frame. The executor
+        hears of it when the switch happens (`update`)."""
         with self._lock:
             rec = self.active[session_id]
             if not 1 <= steps <= rec.request.steps:
                 raise ValueError(f"steps must lie in [1, {rec.request.steps}], got {steps}")
             rec.set_steps(steps)
-            self.executor.set_steps(session_id, steps)
+            return rec.geometry.first_frame_of(rec.lane_block[0] + 1)
+
+    def set_prompt(self, session_id: str, prompt: object, transition_blocks: int = 0) -> int:
+        """Change an active session's prompt from the next block to start on (at once, or blended
+        over `transition_blocks` blocks); returns that block's first frame."""
+        with self._lock:
+            rec = self.active[session_id]
+            self.executor.set_prompt(session_id, prompt, transition_blocks)
+            return rec.geometry.first_frame_of(self._next_block_start(rec))
+
+    def push_input(self, session_id: str, frames: object) -> int:
+        """Hand a v2v session input frames (uint8 [T, H, W, 3]) from any thread. The executor only
+        buffers them (it encodes on the engine thread when a block starts); the loop wakes if it
+        was waiting for them. Returns the frames buffered and not yet encoded. Input for a session
+        that is not active (still queued, or ended) is dropped: 0."""
+        with self._lock:
+            rec = self.sessions[session_id]
+            if rec.state != "active":
+                return 0
+            buffered = self.executor.push_frames(session_id, frames)
+            self._wake.notify_all()
+            return buffered
 
     # -- the four verbs ---------------------------------------------------------------------------
 
@@ -122,9 +149,13 @@ class Engine:
         with self._lock:
             self._admit_from_queue(now)
             self._degrade_or_recover(now)
+            for rec in self.active.values():
+                rec.note_input(self.executor.ready(rec.session_id), now)
             return self.policy.next_batch(now, list(self.active.values()), self.cost, self.config.max_batch)
 
     def submit(self, batch: MicroBatch) -> None:
+        with self._lock:
+            self._in_flight = batch
         self.executor.submit(batch)
 
     def collect(self) -> BatchResult:
@@ -132,6 +163,7 @@ class Engine:
 
     def update(self, result: BatchResult) -> None:
         with self._lock:
+            self._in_flight = None
             self.batches += 1
             self.batched_items += len(result.batch.items)
             if self.config.learn_costs and not result.failed:
@@ -141,12 +173,17 @@ class Engine:
                 if rec.state != "active":
                     continue  # closed while its forward ran
                 if item.session_id in result.failed:
-                    self._end(rec, result.finished, "failed", reason=result.failed[item.session_id])
+                    rec.error = result.failed[item.session_id]
+                    self._end(rec, result.finished, "failed", reason=rec.error)
                     continue
                 rec.stats.batch_sizes.append(len(result.batch.items))
                 rec.t_ready = result.finished
-                if rec.advance(item):
-                    self._chunk_done(rec, item.block, result)
+                steps = rec.steps
+                finished = rec.advance(item)
+                if rec.steps != steps:  # a step change took effect at this block boundary
+                    self.executor.set_steps(rec.session_id, rec.steps)
+                if finished:
+                    self._chunk_done(rec, item.block, result, steps)
 
     # -- loops --------------------------------------------------------------------------------
 
@@ -203,6 +240,16 @@ class Engine:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _next_block_start(self, rec: SessionRecord) -> int:
+        """The next block of `rec` to start denoising after the forward now running, if any."""
+        starting = self._in_flight is not None and any(
+            i.session_id == rec.session_id and i.kind == "denoise" and i.step == 0 and i.lane == 0
+            for i in self._in_flight.items)
+        block = rec.lane_block[0]
+        if rec.lanes == 1 and rec.step > 0:
+            return block + 1  # under way
+        return block + 1 if starting else block
+
     def _next_timer(self) -> float | None:
         """The next time something may change without an arrival (queue timeouts, degradation)."""
         if self.queue:
@@ -215,9 +262,19 @@ class Engine:
         return self.admission.decide(rec, list(self.active.values()), now=now, queue_len=len(self.queue),
                                      allow_queue=allow_queue, allow_degrade=self.policy.degradation)
 
-    def _admit(self, rec: SessionRecord, now: float, decision: AdmissionDecision) -> None:
+    def _admit(self, rec: SessionRecord, now: float, decision: AdmissionDecision) -> AdmissionDecision:
+        """Open the session on the executor and make it active; when the executor refuses it (a
+        setup it cannot run, or no room) the session ends rejected and nothing of it stays."""
+        try:
+            self.executor.open(rec)
+        except Exception as e:  # the loop must survive whatever an executor raises here
+            reason, retry = ("capacity_exhausted", self.config.admission.default_retry_after_s) \
+                if isinstance(e, CapacityError) else ("unsupported", None)
+            rec.error = f"{type(e).__name__}: {e}"
+            self._end(rec, now, "rejected", reason=reason, detail=rec.error, retry_after_s=retry)
+            return AdmissionDecision("rejected", reason, retry_after_s=retry, detail=rec.error,
+                                     predicted_load=decision.predicted_load)
         rec.admit(now, lanes=rec.lanes)
-        self.executor.open(rec)
         self.active[rec.session_id] = rec
         self._emit("admitted", now, rec, wait_s=now - rec.t_arrival, lanes=rec.lanes,
                    predicted_load=round(decision.predicted_load, 4))
@@ -226,6 +283,7 @@ class Engine:
             change = Change(sid, "steps", target.pending_steps or target.steps, steps, "degraded")
             self._apply(change, now)
             self.degradation.note_degraded(sid, now)
+        return decision
 
     def _admit_from_queue(self, now: float) -> None:
         while self.queue:
@@ -233,7 +291,7 @@ class Engine:
             decision = self._decide(head, now, allow_queue=False)
             if decision.outcome == "admitted":
                 self.queue.popleft()
-                self._admit(head, now, decision)
+                self._admit(head, now, decision)  # a refusal ends it rejected; the line moves on
                 continue
             if now - head.t_arrival > self.config.admission.max_queue_wait_s:
                 self.queue.popleft()
@@ -254,18 +312,20 @@ class Engine:
     def _apply(self, change: Change, now: float) -> None:
         rec = self.active[change.session_id]
         if change.kind == "steps":
-            rec.set_steps(int(change.new))
-            self.executor.set_steps(rec.session_id, int(change.new))
+            rec.set_steps(int(change.new))  # the executor follows at the block boundary (`update`)
         else:
             rec.set_fps(change.new)
         self.degradation.applied(rec)
         self._emit(change.direction, now, rec, what=change.kind, old=change.old, new=change.new)  # type: ignore[arg-type]
 
-    def _chunk_done(self, rec: SessionRecord, block: int, result: BatchResult) -> None:
+    def _chunk_done(self, rec: SessionRecord, block: int, result: BatchResult, steps: int) -> None:
         geo = rec.geometry
         now = result.finished
         deadline = rec.deadline(block)
         late = now - deadline
+        # v2v: how long the starts of this block and the ones before it waited for input.
+        rec.input_delay_s += rec.block_input_wait_s.pop(block, 0.0)
+        waited = rec.input_delay_s
         st = rec.stats
         st.chunks += 1
         st.frames += geo.frames_of(block)
@@ -273,12 +333,19 @@ class Engine:
             st.t_first_frame = now
         self._emit("frames_ready", now, rec, block=block, first_frame=geo.first_frame_of(block),
                    num_frames=geo.frames_of(block), deadline=deadline, late_s=max(0.0, late),
-                   steps=rec.steps, frames=result.frames.get(rec.session_id))
+                   steps=steps, input_delay_s=waited, frames=result.frames.get(rec.session_id))
         if late > 0:
             st.late_chunks += 1
             st.max_lateness_s = max(st.max_lateness_s, late)
-            self._misses_since_check += 1
-            self._emit("deadline_miss", now, rec, block=block, late_s=late)
+            # A chunk no later than the stream waited for input is the client's miss: it counts
+            # as late, but is no overload signal (fewer steps would not have helped).
+            cause = "input" if late <= waited else "schedule"
+            if cause == "input":
+                st.input_late_chunks += 1
+            else:
+                self._misses_since_check += 1
+            self._emit("deadline_miss", now, rec, block=block, late_s=late, cause=cause,
+                       input_delay_s=waited)
         if rec.done:
             self._end(rec, now, "finished", reason="completed")
 

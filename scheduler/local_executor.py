@@ -6,31 +6,83 @@ over the sessions' stream states, followed by the VAE decode of every block it f
 engine's bookkeeping (step, context pass) and the runner's state machine advance in lockstep;
 a mismatch is a bug and fails that session only.
 
+Stream batching (lanes > 1, StreamDiffusionV2's stream batch). A session with L lanes holds L
+stream states, each with its own KV cache row and generator, each running a one-step schedule:
+lane i always denoises at t_i of the session's L-step schedule, so its row keeps history at its
+own noise level (no clean context pass). Lane 0 starts each block from noise (t2v) or from the
+noised input (v2v); lane i's x0 of block b is queued as lane i+1's input for block b, re-noised
+to σ(t_{i+1}) with lane i+1's generator (`BlockRunner.add_input`); the last lane's x0 is the
+block's output and is decoded with the session's decode state (blocks finish in order). A block
+carries the prompt lane 0 ran it with down the lanes, so a prompt change applies to all lanes
+from the same block on. Policies with a context pass or re-cache do not fit and are refused.
+
+Threads. `collect` (the forwards) runs on the engine's loop without the engine's lock, while
+clients may open, close, push input, change prompts or steps under it. Input frames are only
+buffered by the caller (`VideoSession.add_frames`) and encoded here when their block starts;
+prompt changes are queued and applied here before the forward (step changes come from the engine
+on its loop); a session closed while its forward runs is freed when the forward is done.
+
 The profile at start-up measures forwards at a few batch sizes on throwaway sessions and fits
 the engine's cost model to this machine.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from rollcast.scheduler.cost_model import CostModel
+from rollcast.scheduler.executor import CapacityError
 from rollcast.scheduler.session import BlockGeometry, SessionRecord, SessionRequest
-from rollcast.scheduler.work import BatchResult, BatchShape, ForwardShape, MicroBatch
-from rollcast.workers.stream_state import Work
-from rollcast.workers.video_pipeline import VideoPipeline, VideoSession
+from rollcast.scheduler.work import BatchResult, BatchShape, ForwardShape, MicroBatch, WorkItem
+from rollcast.workers.kv_cache import CacheFullError
+from rollcast.workers.prompt_kv import PromptKV
+from rollcast.workers.stream_state import BlockInput, StreamState, Work
+from rollcast.workers.video_pipeline import VideoPipeline, VideoSession, WeightedPrompt
 
 _WORK = {"denoise": Work.DENOISE, "context": Work.CONTEXT, "recache": Work.RECACHE}
+_LANE_SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+def lane_seed(seed: int, lane: int) -> int:
+    """The generator seed of a stream-batched session's lane: lane 0 draws from the session's
+    seed (its block noise, as a one-lane session's), lane i > 0 from one derived from it."""
+    return seed if lane == 0 else (seed + lane * _LANE_SEED_STRIDE) % 2**64
+
+
+@dataclass
+class _Stream:
+    """One engine session on the worker."""
+
+    video: VideoSession  # lane 0's state, the VAE states, v2v input, prompt transitions
+    lanes: list[StreamState]  # lanes[0] is video.state; one per denoising step when stream-batched
+    timesteps: list[float]  # stream-batched: lane i runs timesteps[i]
+    # Per lane > 0: the prompt each block queued for it ran with on lane 0, in block order.
+    handed: list[deque[PromptKV]] = field(default_factory=list)
+    # Client changes not applied yet (set from any thread under the executor's lock).
+    prompt_changes: list[tuple[str | WeightedPrompt, int]] = field(default_factory=list)
 
 
 class LocalExecutor:
     def __init__(self, pipeline: VideoPipeline) -> None:
         self.pipeline = pipeline
-        self.sessions: dict[str, VideoSession] = {}
+        self.streams: dict[str, _Stream] = {}
         self._inflight: MicroBatch | None = None
+        self._lock = threading.Lock()  # streams, queued changes, sessions of the running forward
+        self._busy: set[str] = set()
+        self._closing: list[_Stream] = []
+
+    @property
+    def sessions(self) -> dict[str, VideoSession]:
+        """The open sessions' `VideoSession`s (lane 0 of stream-batched ones)."""
+        with self._lock:
+            return {sid: st.video for sid, st in self.streams.items()}
 
     # -- geometry the engine needs ------------------------------------------------------------------
 
@@ -45,29 +97,103 @@ class LocalExecutor:
                              self.pipeline.resolution)
         return BlockGeometry(shape, runner.policy.context_pass)
 
-    # -- Executor --------------------------------------------------------------------------------
+    # -- Executor: client calls ----------------------------------------------------------------------
 
     def open(self, record: SessionRecord) -> None:
-        if record.lanes != 1:
-            raise ValueError("the local executor runs one lane per session (no stream batching)")
-        req = record.request
-        self.sessions[record.session_id] = self.pipeline.open(
-            record.session_id, req.prompt, seed=req.seed, num_steps=req.steps, v2v=req.mode == "v2v")
+        req, lanes, sid = record.request, record.lanes, record.session_id
+        runner = self.pipeline.runner
+        if lanes > 1:
+            policy = runner.policy
+            if policy.context_pass or policy.recache_on_prompt_switch:
+                what = "a clean context pass" if policy.context_pass else "re-caching on prompt switches"
+                raise ValueError(
+                    f"stream batching ({lanes} lanes) does not fit cache policy {policy.name!r}: each "
+                    f"lane's cache row keeps the noisy K/V of its own denoising step, and {what} would "
+                    f"rewrite them; use a policy without it (streamdiffusionv2) or one lane per session")
+            if lanes != req.steps:
+                raise ValueError(f"a stream batch has one lane per denoising step: {lanes} lanes for "
+                                 f"{req.steps} steps")
+        elif lanes != 1:
+            raise ValueError(f"a session needs at least one lane, got {lanes}")
+        runner.sampler.timesteps(req.steps)  # ValueError for a step count the sampler does not have
+        with self._lock:
+            if sid in self.streams:
+                raise ValueError(f"session {sid!r} is open on the executor already")
+        if runner.pool.free_rows < lanes:
+            raise CapacityError(f"{lanes} KV cache rows needed, {runner.pool.free_rows} free")
+        try:
+            video = self.pipeline.open(sid, req.prompt, seed=req.seed, num_steps=req.steps,
+                                       v2v=req.mode == "v2v")
+        except CacheFullError as e:
+            raise CapacityError(str(e)) from e
+        states = [video.state]
+        timesteps = list(video.state.timesteps)
+        try:
+            if lanes > 1:
+                video.state.timesteps = [timesteps[0]]
+                for i in range(1, lanes):
+                    # Later lanes take every block as input from the lane before them.
+                    st = runner.open(f"{sid}/lane{i}", video.state.prompt, seed=lane_seed(req.seed, i),
+                                     num_steps=req.steps, v2v=True)
+                    st.timesteps = [timesteps[i]]
+                    states.append(st)
+        except BaseException as e:
+            for st in states[1:]:
+                runner.close(st)
+            self.pipeline.close(video)
+            if isinstance(e, CacheFullError):
+                raise CapacityError(str(e)) from e
+            raise
+        stream = _Stream(video, states, timesteps, handed=[deque() for _ in states])
+        with self._lock:
+            self.streams[sid] = stream
 
     def close(self, session_id: str) -> None:
-        session = self.sessions.pop(session_id, None)
-        if session is not None:
-            self.pipeline.close(session)
+        with self._lock:
+            stream = self.streams.pop(session_id, None)
+            if stream is None:
+                return
+            if session_id in self._busy:  # its forward is running: free it when that is done
+                self._closing.append(stream)
+                return
+        self._free(stream)
+
+    def _free(self, stream: _Stream) -> None:
+        for st in stream.lanes[1:]:
+            self.pipeline.runner.close(st)
+        self.pipeline.close(stream.video)  # lane 0's row, VAE states, input buffer
 
     def set_steps(self, session_id: str, steps: int) -> None:
-        session = self.sessions[session_id]
-        self.pipeline.runner.set_num_steps(session.state, steps)
+        """From the next block to start on. The engine calls it on its loop between forwards, when
+        its own record switches (right after the last step of the block before)."""
+        stream = self._stream(session_id)
+        if len(stream.lanes) > 1:
+            raise ValueError("a stream-batched session keeps its step count (one lane per step)")
+        self.pipeline.runner.set_num_steps(stream.lanes[0], steps)
 
-    def set_prompt(self, session_id: str, prompt: str, transition_blocks: int = 0) -> None:
-        self.sessions[session_id].set_prompt(prompt, transition_blocks=transition_blocks)
+    def set_prompt(self, session_id: str, prompt: str | WeightedPrompt, transition_blocks: int = 0) -> None:
+        """From the session's next block on, on every lane; the text encoder runs on the loop."""
+        if transition_blocks < 0:
+            raise ValueError(f"transition_blocks must be >= 0, got {transition_blocks}")
+        stream = self._stream(session_id)
+        with self._lock:
+            stream.prompt_changes.append((prompt, transition_blocks))
 
     def push_frames(self, session_id: str, frames: object) -> int:
-        return self.sessions[session_id].push_frames(frames)  # type: ignore[arg-type]
+        """Buffer v2v input frames uint8 [T, H, W, 3] (any thread; encoded when their block starts).
+        Returns the frames buffered and not yet encoded."""
+        return self._stream(session_id).video.add_frames(frames)  # type: ignore[arg-type]
+
+    def ready(self, session_id: str) -> bool:
+        with self._lock:
+            stream = self.streams.get(session_id)
+        return True if stream is None else stream.video.input_ready()  # unknown: collect reports it
+
+    def _stream(self, session_id: str) -> _Stream:
+        with self._lock:
+            return self.streams[session_id]
+
+    # -- Executor: the loop ------------------------------------------------------------------------
 
     def submit(self, batch: MicroBatch) -> None:
         if self._inflight is not None:
@@ -78,35 +204,130 @@ class LocalExecutor:
         batch, self._inflight = self._inflight, None
         if batch is None:
             raise RuntimeError("nothing submitted")
-        start = time.monotonic()
         failed: dict[str, str] = {}
         frames: dict[str, object | None] = {}
-        states, sessions = [], []
-        for item in batch.items:
-            session = self.sessions.get(item.session_id)
-            if session is None:
-                failed[item.session_id] = "session is not open on the executor"
-                continue
-            expected = _WORK[item.kind]
-            if session.state.next_work is not expected:
-                failed[item.session_id] = (f"engine expected {item.kind}, worker is at "
-                                           f"{session.state.next_work.value}")
-                continue
-            if item.kind == "denoise" and session.state.step == 0:
-                session.before_block()
-            states.append(session.state)
-            sessions.append(session)
-        if states:
+        with self._lock:
+            streams = {i.session_id: self.streams.get(i.session_id) for i in batch.items}
+            self._busy = {sid for sid, st in streams.items() if st is not None}
+        try:
+            for sid, stream in streams.items():  # client changes first (the text encoder may run)
+                if stream is not None:
+                    err = self._apply_changes(stream)
+                    if err:
+                        failed[sid] = err
+            start = time.monotonic()
+            plan: list[tuple[WorkItem, _Stream]] = []
+            for item in batch.items:
+                sid = item.session_id
+                stream = streams[sid]
+                if stream is None:
+                    failed[sid] = "session is not open on the executor"
+                    continue
+                err = self._check(stream, item)
+                if err:
+                    failed.setdefault(sid, err)
+                plan.append((item, stream))
+            plan = [(i, s) for i, s in plan if i.session_id not in failed]
+            for item, stream in plan:
+                try:
+                    self._prepare(stream, item)
+                except (RuntimeError, ValueError) as e:
+                    failed[item.session_id] = f"{type(e).__name__}: {e}"
+            plan = [(i, s) for i, s in plan if i.session_id not in failed]
+            if plan:
+                try:
+                    outputs = self.pipeline.runner.run([s.lanes[i.lane] for i, s in plan])
+                except (RuntimeError, ValueError) as e:  # the whole forward failed: all its sessions
+                    outputs = []
+                    for item, _ in plan:
+                        failed[item.session_id] = f"{type(e).__name__}: {e}"
+                for (item, stream), x0 in zip(plan, outputs, strict=False):
+                    if item.session_id in failed:
+                        continue
+                    try:
+                        self._finish(stream, item, x0, frames)
+                    except (RuntimeError, ValueError) as e:
+                        failed[item.session_id] = f"{type(e).__name__}: {e}"
+            _sync(self.pipeline.runner.device)
+            return BatchResult(batch, start, time.monotonic(), frames=frames, failed=failed)
+        finally:
+            with self._lock:
+                self._busy = set()
+                closing, self._closing = self._closing, []
+            for stream in closing:
+                self._free(stream)
+
+    def _apply_changes(self, stream: _Stream) -> str | None:
+        """Queued prompt changes, on the loop before the forward. Returns an error, if any."""
+        with self._lock:
+            prompts, stream.prompt_changes = stream.prompt_changes, []
+        for prompt, transition in prompts:
             try:
-                outputs = self.pipeline.runner.run(states)
-                for session, x0 in zip(sessions, outputs, strict=True):
-                    if x0 is not None:
-                        frames[session.state.session_id] = session.decode(x0)
-            except (RuntimeError, ValueError) as e:  # the whole forward failed: all its sessions
-                for session in sessions:
-                    failed[session.state.session_id] = f"{type(e).__name__}: {e}"
-        _sync(self.pipeline.runner.device)
-        return BatchResult(batch, start, time.monotonic(), frames=frames, failed=failed)
+                stream.video.set_prompt(prompt, transition_blocks=transition)
+            except (RuntimeError, ValueError, TypeError) as e:
+                return f"prompt change failed: {type(e).__name__}: {e}"
+        return None
+
+    def _check(self, stream: _Stream, item: WorkItem) -> str | None:
+        """Why the worker cannot run `item` (the engine and the worker disagree), or None."""
+        lanes = stream.lanes
+        if len(lanes) == 1:
+            state = lanes[0]
+            if item.lane != 0:
+                return f"engine sent lane {item.lane}; the session has one lane"
+            expected = _WORK[item.kind]
+            if state.next_work is not expected:
+                return f"engine expected {item.kind}, worker is at {state.next_work.value}"
+            if expected is Work.DENOISE and state.step != item.step:
+                return f"engine expected step {item.step}, worker is at step {state.step}"
+            if expected is Work.DENOISE and state.step == 0 and not stream.video.input_ready():
+                return f"no input for block {item.block} (v2v frames have not arrived)"
+            return None
+        if item.kind != "denoise" or not 0 <= item.lane < len(lanes):
+            return (f"engine sent {item.kind} on lane {item.lane}; the session has {len(lanes)} "
+                    f"denoising lanes")
+        state = lanes[item.lane]
+        at = state.frames_done // self.pipeline.runner.frames_per_block
+        if at != item.block:
+            return f"lane {item.lane}: engine sent block {item.block}, the lane is at block {at}"
+        if item.lane == 0 and not stream.video.input_ready():
+            return f"no input for block {item.block} (v2v frames have not arrived)"
+        if item.lane > 0 and not state.inputs:
+            return (f"lane {item.lane} has no input for block {item.block} "
+                    f"(lane {item.lane - 1} has not run it)")
+        return None
+
+    def _prepare(self, stream: _Stream, item: WorkItem) -> None:
+        """Before the forward: a block starting on lane 0 gets its input encoded and the prompt
+        transition's next step; a later lane takes the prompt its block ran with on lane 0."""
+        state = stream.lanes[item.lane]
+        if item.lane == 0:
+            if item.kind == "denoise" and state.step == 0:
+                if state.v2v and not state.inputs:
+                    stream.video.encode_input(max_blocks=1)
+                stream.video.before_block()
+        else:
+            prompt = stream.handed[item.lane].popleft()
+            if prompt is not state.prompt:
+                state.pending_prompt = prompt  # takes effect as the block starts
+
+    def _finish(self, stream: _Stream, item: WorkItem, x0: Tensor | None,
+                frames: dict[str, object | None]) -> None:
+        runner = self.pipeline.runner
+        lanes = stream.lanes
+        if len(lanes) == 1:
+            if x0 is not None:
+                frames[item.session_id] = stream.video.decode(x0)
+            return
+        if x0 is None:
+            raise RuntimeError(f"lane {item.lane} ran a one-step block without finishing it")
+        nxt = item.lane + 1
+        if nxt < len(lanes):
+            t = stream.timesteps[nxt]
+            runner.add_input(lanes[nxt], BlockInput(x0, runner.sampler.sigma(t), t))
+            stream.handed[nxt].append(lanes[item.lane].prompt)
+        else:
+            frames[item.session_id] = stream.video.decode(x0)
 
     # -- start-up profile -------------------------------------------------------------------------------
 

@@ -8,6 +8,13 @@ Lanes. Normally a session runs its blocks one at a time: the steps of block b (a
 block's context pass, under policies that have one), then block b+1. With stream batching
 (StreamDiffusionV2's baseline) it has one lane per denoising step: lane i runs step i of every
 block, so up to `steps` consecutive blocks are in flight at different noise levels.
+
+Input readiness. A video-to-video block can start only once its input frames have arrived. The
+engine tells the record every tick whether the executor holds the input for the next block start
+(`note_input`); until then the items that would start a block from input are held back, while work
+of blocks already under way goes on. Deadlines do not move: a block whose input came late may be
+late. The waits are kept so that such a miss is told apart from one the scheduler caused: a chunk
+no later than the input waits of it and the blocks before it is the input's miss.
 """
 
 from __future__ import annotations
@@ -95,6 +102,8 @@ class SessionStats:
     frames: int = 0
     max_lateness_s: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
+    input_wait_s: float = 0.0  # v2v: total time block starts waited for input frames
+    input_late_chunks: int = 0  # late chunks whose lateness the input wait explains
 
 
 @dataclass
@@ -122,6 +131,13 @@ class SessionRecord:
     anchor_frame: int = 0
     stats: SessionStats = field(default_factory=SessionStats)
     error: str | None = None
+    # v2v: whether the executor holds the input to start the next block (`note_input`), since when
+    # (and for which block) a block start has been waiting for it, each unfinished block's wait,
+    # and the waits of all finished blocks (what input delayed the stream by, at most).
+    input_ready: bool = True
+    input_wait: tuple[int, float] | None = None
+    block_input_wait_s: dict[int, float] = field(default_factory=dict)
+    input_delay_s: float = 0.0
 
     @property
     def session_id(self) -> str:
@@ -169,12 +185,32 @@ class SessionRecord:
         return self.steps + (1 if self.geometry.context_pass and self.lanes == 1 else 0)
 
     def ready_items(self) -> list[WorkItem]:
-        """The forwards this session could run now (one per lane at most)."""
+        """The forwards this session could run now (one per lane at most); a block start whose
+        input has not arrived is not ready."""
+        items = self._next_items()
+        if self.input_ready:
+            return items
+        return [i for i in items if not i.encodes_input]
+
+    def _next_items(self) -> list[WorkItem]:
         if self.state != "active":
             return []
         if self.lanes == 1:
             return self._single_lane_item()
         return self._lane_items()
+
+    def note_input(self, ready: bool, now: float) -> None:
+        """Whether the executor holds the input for this session's next block start (the engine,
+        every tick); times how long a due block start waits for it."""
+        self.input_ready = ready
+        waiting = None if ready else next((i.block for i in self._next_items() if i.encodes_input), None)
+        if self.input_wait is not None and waiting != self.input_wait[0]:
+            block, since = self.input_wait
+            self.block_input_wait_s[block] = self.block_input_wait_s.get(block, 0.0) + now - since
+            self.stats.input_wait_s += now - since
+            self.input_wait = None
+        if waiting is not None and self.input_wait is None:
+            self.input_wait = (waiting, now)
 
     def _single_lane_item(self) -> list[WorkItem]:
         block = self.lane_block[0]

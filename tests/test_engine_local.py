@@ -70,3 +70,30 @@ def test_four_sessions_through_the_engine() -> None:
         # Batched with others or alone: the same frames (up to one level of float rounding).
         assert np.abs(frames.astype(int) - np.concatenate(alone).astype(int)).max() <= 1
     assert pipeline.runner.pool.free_rows == 5  # every row went back
+
+
+def test_step_change_at_a_block_boundary_keeps_engine_and_worker_in_step() -> None:
+    """A step change asked for while the next block has not started (here: while the finished
+    block's context pass is pending) applies from the block after it, on both sides."""
+    worker = WorkerSpec(config=ModelConfig.preset("tiny"), policy=CachePolicy.preset("self-forcing"),
+                        sampler=SamplerConfig.preset("self-forcing"), resolution=(64, 64), max_sessions=1,
+                        frames_per_block=1)
+    executor = LocalExecutor(VideoPipeline.build(PipelineSpec(worker=worker)))
+    cost = CostModel.for_model(worker.config, name="tiny-cpu", peak_flops=1e10, half_tokens=100.0,
+                               overhead_s=0.01, decode_s_per_latent_frame=0.005)
+    engine = Engine(executor, cost, make_policy("slo-noadmit"), clock=MonotonicClock(),
+                    geometry=executor.geometry)
+    # 13 frames: blocks of 1 + 4 + 4 + 4 frames.
+    engine.open_session(SessionRequest("a", steps=2, slo=SessionSLO(ttff_s=5.0), duration_s=13 / 16))
+    rec = engine.sessions["a"]
+    while not rec.context_pending:
+        assert engine.tick()
+    assert rec.lane_block == [1]
+    assert engine.set_steps("a", 1) == rec.geometry.first_frame_of(2)
+    while engine.tick():
+        pass
+    assert rec.state == "finished", rec.error
+    ready = [e.data for e in engine.events if e.kind == "frames_ready"]
+    assert [(d["block"], d["steps"]) for d in ready] == [(0, 2), (1, 2), (2, 1), (3, 1)]
+    # Forwards: steps + context pass per block (the last block's context pass never runs).
+    assert len(rec.stats.batch_sizes) == 3 + 3 + 2 + 1

@@ -54,16 +54,17 @@ class BlockRunner:
 
     def open(self, session_id: str, prompt: PromptKV, *, seed: int,
              num_steps: int | None = None, v2v: bool = False) -> StreamState:
-        row = self.pool.allocate()
+        timesteps = self.sampler.timesteps(num_steps)  # a bad step count raises before a row is taken
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
         clean = None
         if self.policy.recache_on_prompt_switch:
             c, _, h, w = self.block_shape
             clean = torch.zeros(c, self.pool.capacity, h, w, device=self.device)
+        row = self.pool.allocate()
         return StreamState(
             session_id=session_id, row=row, prompt=prompt, generator=gen,
-            timesteps=self.sampler.timesteps(num_steps),
+            timesteps=timesteps,
             slot_rope=[0] * self.pool.capacity, clean=clean, v2v=v2v,
         )
 

@@ -13,12 +13,13 @@ block to 4F. A v2v session needs that many input frames before each block can st
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from rollcast.workers.block_runner import BlockRunner
@@ -142,8 +143,12 @@ class VideoSession:
         self.blocks_in = 0
         self.encode_state = vae.encode_state() if state.v2v else None
         self.controller = MotionNoiseController(pipeline.spec.noise) if state.v2v else None
-        self._pending: Tensor | None = None  # input pixels [1, 3, t, H, W] not yet encoded
-        self._last_frame: Tensor | None = None  # the input frame before the pending ones
+        # Input frames (uint8 [t, H, W, 3] pieces) not yet encoded. `add_frames` may be called from
+        # any thread; the lock guards only this buffer, encoding runs outside it.
+        self._inbox: deque[np.ndarray] = deque()
+        self._inbox_frames = 0
+        self._inbox_lock = threading.Lock()
+        self._last_frame: Tensor | None = None  # the last input frame encoded so far
 
     @property
     def frames_per_block(self) -> int:
@@ -186,22 +191,67 @@ class VideoSession:
 
     def push_frames(self, frames: np.ndarray) -> int:
         """Add input frames (uint8 [T, H, W, 3] at the model's resolution); encodes every complete
-        block's worth and queues it. Returns the number of blocks queued by this call."""
+        block's worth and queues it. Returns the number of blocks queued by this call. Runs the VAE:
+        call it on the thread that runs the model (others use `add_frames`)."""
+        self.add_frames(frames)
+        return self.encode_input()
+
+    def add_frames(self, frames: np.ndarray) -> int:
+        """Buffer input frames without encoding them (any thread, cheap: one copy). Returns the
+        number of frames buffered and not yet encoded."""
         if self.encode_state is None or self.controller is None:
             raise ValueError("push_frames on a text-to-video session")
         w, h = self.pipeline.resolution
         if frames.ndim != 4 or frames.shape[1:] != (h, w, 3):
             raise ValueError(f"input frames must be [T, {h}, {w}, 3], got {tuple(frames.shape)}")
-        px = to_pixels(frames, self.pipeline.runner.device)[None]
-        self._pending = px if self._pending is None else torch.cat([self._pending, px], dim=2)
+        piece = np.array(frames, dtype=np.uint8, copy=True)  # the caller may reuse its buffer
+        with self._inbox_lock:
+            if len(piece):
+                self._inbox.append(piece)
+                self._inbox_frames += len(piece)
+            return self._inbox_frames
+
+    @property
+    def buffered_frames(self) -> int:
+        """Input frames buffered and not yet encoded."""
+        with self._inbox_lock:
+            return self._inbox_frames
+
+    def input_ready(self) -> bool:
+        """Whether the next block can start as far as input goes: always for text-to-video; for
+        v2v when its input is encoded already or enough frames are buffered to encode it, or the
+        current block is under way (any thread)."""
+        st = self.state
+        if not st.v2v or st.in_block or st.recache_pending or st.inputs:
+            return True
+        return self.buffered_frames >= self.block_frames(self.blocks_in)
+
+    def encode_input(self, max_blocks: int | None = None) -> int:
+        """Encode buffered frames into queued block inputs, one complete block at a time (at most
+        `max_blocks`); returns how many blocks were queued."""
         queued = 0
-        while self._pending is not None and self._pending.shape[2] >= self.block_frames(self.blocks_in):
+        while max_blocks is None or queued < max_blocks:
             n = self.block_frames(self.blocks_in)
-            chunk, rest = self._pending[:, :, :n], self._pending[:, :, n:]
-            self._pending = rest if rest.shape[2] else None
-            self._encode_block(chunk)
+            with self._inbox_lock:
+                if self._inbox_frames < n:
+                    break
+                chunk = self._take(n)
+            self._encode_block(to_pixels(chunk, self.pipeline.runner.device)[None])
             queued += 1
         return queued
+
+    def _take(self, n: int) -> np.ndarray:
+        """The first n buffered frames (the caller holds the inbox lock and checked there are n)."""
+        pieces, got = [], 0
+        while got < n:
+            piece = self._inbox.popleft()
+            if got + len(piece) > n:
+                piece, rest = piece[: n - got], piece[n - got:]
+                self._inbox.appendleft(rest)
+            pieces.append(piece)
+            got += len(piece)
+        self._inbox_frames -= n
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def _encode_block(self, chunk: Tensor) -> None:
         vae = self.pipeline.vae
@@ -223,7 +273,10 @@ class VideoSession:
         return frames
 
     def release(self) -> None:
-        self.decode_state = self.encode_state = self._pending = self._last_frame = None
+        self.decode_state = self.encode_state = self._last_frame = None
+        with self._inbox_lock:
+            self._inbox.clear()
+            self._inbox_frames = 0
 
 
 def run_block(runner: BlockRunner, state: StreamState) -> Tensor:
