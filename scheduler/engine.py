@@ -39,6 +39,9 @@ class EngineConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     learn_costs: bool = True  # update the cost model from measured batch times
+    # A block may start at most this long before its deadline (None: as early as possible). Live
+    # streams need a bound: frames made far ahead only wait in queues (or get dropped there).
+    max_lead_s: float | None = 1.0
 
 
 class Engine:
@@ -73,6 +76,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._in_flight: MicroBatch | None = None  # submitted, not yet through `update`
+        self._next_release: float | None = None  # when pacing next lets a held block start
+        self._block_t0: dict[tuple[str, int], float] = {}  # (session, block) -> its first forward
         self.batches = 0
         self.batched_items = 0
 
@@ -143,14 +148,33 @@ class Engine:
             self._wake.notify_all()
             return buffered
 
+    def set_paused(self, session_id: str, paused: bool) -> int:
+        """Pause (no new blocks start; the one under way finishes) or resume a session; returns
+        the first frame of the block the change applies to."""
+        with self._lock:
+            rec = self.active[session_id]
+            rec.set_paused(paused, self.clock.now())
+            self._wake.notify_all()
+            return rec.geometry.first_frame_of(self._next_block_start(rec))
+
+    @property
+    def running(self) -> bool:
+        thread = self._thread
+        return self._running and thread is not None and thread.is_alive()
+
     # -- the four verbs ---------------------------------------------------------------------------
 
     def schedule(self, now: float) -> MicroBatch | None:
         with self._lock:
             self._admit_from_queue(now)
             self._degrade_or_recover(now)
+            releases = []
             for rec in self.active.values():
                 rec.note_input(self.executor.ready(rec.session_id), now)
+                release = rec.note_clock(now, self.config.max_lead_s)
+                if release is not None:
+                    releases.append(release)
+            self._next_release = min(releases, default=None)
             return self.policy.next_batch(now, list(self.active.values()), self.cost, self.config.max_batch)
 
     def submit(self, batch: MicroBatch) -> None:
@@ -166,6 +190,10 @@ class Engine:
             self._in_flight = None
             self.batches += 1
             self.batched_items += len(result.batch.items)
+            if self._on_event is not None:
+                stages = {"batch": result.seconds, **result.stages}
+                self._on_event(EngineEvent("batch_done", result.finished, "",
+                                           {"size": len(result.batch.items), "stages": stages}))
             if self.config.learn_costs and not result.failed:
                 self.cost.observe(result.batch.batch_shape(), result.seconds)
             for item in result.batch.items:
@@ -177,6 +205,8 @@ class Engine:
                     self._end(rec, result.finished, "failed", reason=rec.error)
                     continue
                 rec.stats.batch_sizes.append(len(result.batch.items))
+                if item.starts_block:
+                    self._block_t0[(rec.session_id, item.block)] = result.started
                 rec.t_ready = result.finished
                 steps = rec.steps
                 finished = rec.advance(item)
@@ -230,7 +260,11 @@ class Engine:
             with self._lock:
                 if not self._running:
                     return
-            if self.tick():
+            try:
+                if self.tick():
+                    continue
+            except Exception as e:  # an executor bug fails the sessions it touched, not the loop
+                self._fail_in_flight(e)
                 continue
             with self._lock:
                 if self._running:
@@ -250,11 +284,23 @@ class Engine:
             return block + 1  # under way
         return block + 1 if starting else block
 
+    def _fail_in_flight(self, error: Exception) -> None:
+        with self._lock:
+            batch, self._in_flight = self._in_flight, None
+            now = self.clock.now()
+            for sid in {i.session_id for i in batch.items} if batch else ():
+                rec = self.sessions[sid]
+                if rec.state == "active":
+                    rec.error = f"executor error: {type(error).__name__}: {error}"
+                    self._end(rec, now, "failed", reason=rec.error)
+
     def _next_timer(self) -> float | None:
-        """The next time something may change without an arrival (queue timeouts, degradation)."""
+        """The next time something may change without an arrival (queue timeouts, degradation,
+        a paced block start)."""
+        timers = [self._next_release]
         if self.queue:
-            return self.clock.now() + self.config.degradation.min_interval_s
-        return None
+            timers.append(self.clock.now() + self.config.degradation.min_interval_s)
+        return min((t for t in timers if t is not None), default=None)
 
     def _decide(self, rec: SessionRecord, now: float, *, allow_queue: bool) -> AdmissionDecision:
         if not self.policy.admission:
@@ -321,6 +367,7 @@ class Engine:
     def _chunk_done(self, rec: SessionRecord, block: int, result: BatchResult, steps: int) -> None:
         geo = rec.geometry
         now = result.finished
+        rec.chunk_ready(block, now)
         deadline = rec.deadline(block)
         late = now - deadline
         # v2v: how long the starts of this block and the ones before it waited for input.
@@ -333,7 +380,8 @@ class Engine:
             st.t_first_frame = now
         self._emit("frames_ready", now, rec, block=block, first_frame=geo.first_frame_of(block),
                    num_frames=geo.frames_of(block), deadline=deadline, late_s=max(0.0, late),
-                   steps=steps, input_delay_s=waited, frames=result.frames.get(rec.session_id))
+                   steps=steps, input_delay_s=waited, frames=result.frames.get(rec.session_id),
+                   generation_s=now - self._block_t0.pop((rec.session_id, block), result.started))
         if late > 0:
             st.late_chunks += 1
             st.max_lateness_s = max(st.max_lateness_s, late)
@@ -351,6 +399,8 @@ class Engine:
 
     def _end(self, rec: SessionRecord, now: float, state: str, **data: object) -> None:
         was_active = rec.state == "active"
+        for key in [k for k in self._block_t0 if k[0] == rec.session_id]:
+            del self._block_t0[key]
         rec.state = state  # type: ignore[assignment]
         rec.t_finished = now
         self.active.pop(rec.session_id, None)

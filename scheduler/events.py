@@ -12,6 +12,7 @@ from typing import Any, Literal
 EventKind = Literal[
     "queued", "admitted", "rejected", "block_done", "frames_ready", "deadline_miss",
     "degraded", "recovered", "finished", "failed", "closed",
+    "batch_done",  # per micro-batch, session_id "": size and seconds by stage (for metrics)
 ]
 
 

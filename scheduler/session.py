@@ -15,6 +15,12 @@ engine tells the record every tick whether the executor holds the input for the 
 of blocks already under way goes on. Deadlines do not move: a block whose input came late may be
 late. The waits are kept so that such a miss is told apart from one the scheduler caused: a chunk
 no later than the input waits of it and the blocks before it is the input's miss.
+
+Playout pacing. A live stream is watched, not downloaded: playout starts when the first chunk is
+ready (its deadline is the TTFF SLO; when it comes early, later deadlines move up with it, since the
+viewer is already watching), and a block may not start more than `max_lead_s` before its deadline
+(`note_clock`), which bounds the frames buffered per stream and the input-to-output latency.
+A paused session starts no blocks; on resume its clock restarts like a new stream's.
 """
 
 from __future__ import annotations
@@ -138,6 +144,11 @@ class SessionRecord:
     input_wait: tuple[int, float] | None = None
     block_input_wait_s: dict[int, float] = field(default_factory=dict)
     input_delay_s: float = 0.0
+    # Playout pacing (`note_clock`): block starts are held while paused or too far ahead; the next
+    # chunk re-anchors the deadline clock when it is early (the first one, and after a resume).
+    paused: bool = False
+    held: bool = False
+    anchor_on_next_chunk: bool = True
 
     @property
     def session_id(self) -> str:
@@ -186,11 +197,40 @@ class SessionRecord:
 
     def ready_items(self) -> list[WorkItem]:
         """The forwards this session could run now (one per lane at most); a block start whose
-        input has not arrived is not ready."""
+        input has not arrived, or that is held by pacing or a pause, is not ready."""
         items = self._next_items()
+        if self.held:
+            items = [i for i in items if not i.starts_block]
         if self.input_ready:
             return items
         return [i for i in items if not i.encodes_input]
+
+    def note_clock(self, now: float, max_lead_s: float | None) -> float | None:
+        """Hold block starts while paused or more than `max_lead_s` before their deadline (the
+        engine, every tick). Returns when a held start is released (None: nothing held by time)."""
+        self.held = self.paused
+        if self.paused or max_lead_s is None or self.anchor_on_next_chunk:
+            return None
+        starts = [i for i in self._next_items() if i.starts_block]
+        if not starts:
+            return None
+        release = self.deadline(starts[0].block) - max_lead_s
+        self.held = now < release
+        return release if self.held else None
+
+    def set_paused(self, paused: bool, now: float) -> None:
+        if self.paused and not paused:  # resume: deadlines restart as for a new stream
+            frame = self.geometry.first_frame_of(self.blocks_done)
+            self.anchor_time, self.anchor_frame = now + self.slo.ttff_s, frame
+            self.anchor_on_next_chunk = True
+        self.paused = paused
+
+    def chunk_ready(self, block: int, now: float) -> None:
+        """Playout of this chunk starts now if it is the one the clock waits for and it is early."""
+        if self.anchor_on_next_chunk:
+            self.anchor_on_next_chunk = False
+            if now < self.deadline(block):
+                self.anchor_time, self.anchor_frame = now, self.geometry.first_frame_of(block)
 
     def _next_items(self) -> list[WorkItem]:
         if self.state != "active":

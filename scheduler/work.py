@@ -48,6 +48,11 @@ class WorkItem:
     deadline: float  # when the block's frames must be ready (engine clock)
     encodes_input: bool = False  # v2v: the block's input frames are encoded before this forward
 
+    @property
+    def starts_block(self) -> bool:
+        """The first forward of a block (step 0 on lane 0): what pacing and pauses hold back."""
+        return self.kind == "denoise" and self.lane == 0 and self.step == 0
+
 
 @dataclass(frozen=True)
 class BatchShape:
@@ -90,6 +95,7 @@ class BatchResult:
     # executor, None in simulation (the engine knows how many frames a block has).
     frames: dict[str, object | None] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # session_id -> error, that session only
+    stages: dict[str, float] = field(default_factory=dict)  # seconds by stage (executor-defined)
 
     @property
     def seconds(self) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from rollcast import __version__
-from rollcast.server import cli_generate, cli_simulate
+from rollcast.server import cli_generate, cli_serve, cli_simulate
 from rollcast.server.cli_args import add_model_args, positive_int, worker_spec
 from rollcast.workers.causal_wan import CausalWanModel
 from rollcast.workers.checkpoint import (
@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "random weights if absent")
     cli_generate.add_arguments(p)
     p.set_defaults(func=cli_generate.run)
+
+    p = sub.add_parser("serve", help="serve live streams: REST, WebRTC, WebSocket, the web page, metrics")
+    cli_serve.add_arguments(p)
+    p.set_defaults(func=cli_serve.run)
 
     p = sub.add_parser("simulate", help="run the engine and scheduler on a fake clock with a cost model")
     cli_simulate.add_arguments(p)

@@ -12,7 +12,7 @@ import torch
 
 from rollcast.scheduler.clock import MonotonicClock
 from rollcast.scheduler.cost_model import CostModel
-from rollcast.scheduler.engine import Engine
+from rollcast.scheduler.engine import Engine, EngineConfig
 from rollcast.scheduler.events import EngineEvent
 from rollcast.scheduler.local_executor import LocalExecutor, lane_seed
 from rollcast.scheduler.policies import make_policy
@@ -143,7 +143,8 @@ def test_lanes_equal_a_hand_run_reference_with_a_prompt_switch(
     executor = LocalExecutor(sdv2)
     events: list[EngineEvent] = []
     engine = Engine(executor, tiny_cost(), make_policy("fifo"), clock=MonotonicClock(),
-                    geometry=executor.geometry, on_event=events.append)
+                    geometry=executor.geometry, on_event=events.append,
+                    config=EngineConfig(max_lead_s=None))  # stepped by hand: no playout pacing
     blocks = 6
     d = engine.open_session(SessionRequest("a", prompt="a red circle", seed=11, steps=3, slo=SLO,
                                            duration_s=(1 + 4 * (blocks - 1)) / 16))
@@ -180,7 +181,8 @@ def test_stream_batch_with_a_context_pass_is_refused_and_others_run_on() -> None
     executor = LocalExecutor(pipe)
     events: list[EngineEvent] = []
     engine = Engine(executor, tiny_cost(), make_policy("fifo"), clock=MonotonicClock(),
-                    geometry=executor.geometry, on_event=events.append)
+                    geometry=executor.geometry, on_event=events.append,
+                    config=EngineConfig(max_lead_s=None))  # stepped by hand: no playout pacing
     # One step is one lane: fine under any policy.
     one = SessionRequest("one", steps=1, slo=SLO, duration_s=9 / 16)
     assert engine.open_session(one).outcome == "admitted"
