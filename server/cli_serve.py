@@ -8,6 +8,7 @@ a `stream_stopped` message.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -19,6 +20,8 @@ from rollcast.server.runtime import ServeConfig
 from rollcast.server.sessions import SessionDefaults
 from rollcast.workers.vae import VAE_KINDS
 from rollcast.workers.video_pipeline import PipelineSpec
+
+CPU_DEMO_RESOLUTION = (128, 128)
 
 
 def _positive_float(text: str) -> float:
@@ -73,6 +76,10 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ValueError(f"--cost-model {args.cost_model}: no such file")
     worker = worker_spec(args)
     worker = dataclasses.replace(worker, max_sessions=args.max_sessions)
+    if args.resolution is None and worker.config.name == "tiny" and worker.device == "cpu":
+        # The demo default on 2 CPU cores: at 256x256 one tiny stream cannot hold 16 fps, so
+        # admission would refuse every session; at 128x128 several fit.
+        worker = dataclasses.replace(worker, resolution=CPU_DEMO_RESOLUTION)
     return ServeConfig(
         pipeline=PipelineSpec(worker=worker, vae=args.vae), host=args.host, port=args.port,
         api_key=ServeConfig.api_key_from_env(args.api_key), policy=args.scheduler, max_batch=args.max_batch,
@@ -100,5 +107,6 @@ def run(args: argparse.Namespace) -> int:
         config.host, config.port, "on" if config.api_key else "off")
     server = GracefulServer(uvicorn.Config(app, host=config.host, port=config.port,
                                            log_level=args.log_level, timeout_graceful_shutdown=5), runtime)
-    server.run()
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after shutting down
+        server.run()
     return 0

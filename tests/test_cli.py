@@ -58,3 +58,26 @@ def test_simulate_writes_a_report_and_rejects_bad_flags(tmp_path, capsys):
     assert "no-such-preset" in capsys.readouterr().err
     assert main(["simulate", "--rates", "0.1,x"]) == 2
     assert "--rates must be comma-separated numbers" in capsys.readouterr().err
+
+
+def test_serve_bad_flags_exit_2(capsys) -> None:  # type: ignore[no-untyped-def]
+    from rollcast.server.cli import main
+
+    assert main(["serve", "--max-utilization", "2"]) == 2
+    assert "--max-utilization must lie in (0, 1]" in capsys.readouterr().err
+    assert main(["serve", "--cost-model", "/nonexistent.json"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_serve_config_defaults() -> None:
+    import argparse
+
+    from rollcast.server import cli_serve
+
+    p = argparse.ArgumentParser()
+    cli_serve.add_arguments(p)
+    cfg = cli_serve.serve_config(p.parse_args(["--device", "cpu"]))
+    assert (cfg.host, cfg.port, cfg.policy) == ("127.0.0.1", 8000, "slo")
+    assert cfg.pipeline.worker.config.name == "tiny"
+    assert cfg.pipeline.worker.resolution == cli_serve.CPU_DEMO_RESOLUTION
+    assert cfg.sessions.ttff_s == 2.0 and cfg.sessions.max_sessions_per_client == 4

@@ -74,15 +74,17 @@ async def _stream(url: str, seconds: float, *, mode: str = "t2v", control: list[
     await pc.setLocalDescription(await pc.createOffer())
     async with httpx.AsyncClient(base_url=url, timeout=30) as http:
         if one_shot:
-            r = await http.post("/v1/webrtc/offer", json={"sdp": pc.localDescription.sdp, "type": "offer",
-                                                          "session": {"mode": mode, "prompt": "waves", "steps": 2}})
+            body = {"sdp": pc.localDescription.sdp, "type": "offer",
+                    "session": {"mode": mode, "prompt": "waves", "steps": 2}}
+            r = await http.post("/v1/webrtc/offer", json=body)
             assert r.status_code == 201, r.text
             sid = r.json()["session_id"]
         else:
             r = await http.post("/v1/sessions", json={"mode": mode, "prompt": "a red circle", "steps": 2})
             assert r.status_code == 201, r.text
             sid = r.json()["session_id"]
-            r = await http.post(f"/v1/sessions/{sid}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
+            offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
+            r = await http.post(f"/v1/sessions/{sid}/offer", json=offer)
             assert r.status_code == 200, r.text
         answer = r.json()
         assert answer["type"] == "answer" and answer["session_id"] == sid
