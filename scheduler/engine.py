@@ -39,8 +39,8 @@ class EngineConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     learn_costs: bool = True  # update the cost model from measured batch times
-    # A block may start at most this long before its deadline (None: as early as possible). Live
-    # streams need a bound: frames made far ahead only wait in queues (or get dropped there).
+    # A block may start at most its session's TTFF plus this long before its deadline (None: as
+    # early as possible). Live streams need a bound: frames made far ahead only wait in queues.
     max_lead_s: float | None = 1.0
 
 
@@ -367,7 +367,6 @@ class Engine:
     def _chunk_done(self, rec: SessionRecord, block: int, result: BatchResult, steps: int) -> None:
         geo = rec.geometry
         now = result.finished
-        rec.chunk_ready(block, now)
         deadline = rec.deadline(block)
         late = now - deadline
         # v2v: how long the starts of this block and the ones before it waited for input.

@@ -16,11 +16,11 @@ of blocks already under way goes on. Deadlines do not move: a block whose input 
 late. The waits are kept so that such a miss is told apart from one the scheduler caused: a chunk
 no later than the input waits of it and the blocks before it is the input's miss.
 
-Playout pacing. A live stream is watched, not downloaded: playout starts when the first chunk is
-ready (its deadline is the TTFF SLO; when it comes early, later deadlines move up with it, since the
-viewer is already watching), and a block may not start more than `max_lead_s` before its deadline
-(`note_clock`), which bounds the frames buffered per stream and the input-to-output latency.
-A paused session starts no blocks; on resume its clock restarts like a new stream's.
+Playout pacing. A live stream is watched, not downloaded: a block may not start more than
+`ttff + max_lead_s` before its deadline (`note_clock`), which bounds the frames buffered per stream
+and the input-to-output latency. (The TTFF is in the bound because a viewer starts watching at the
+first frame, which may come well before its deadline.) A paused session starts no blocks; on resume
+its deadline clock restarts like a new stream's.
 """
 
 from __future__ import annotations
@@ -144,11 +144,9 @@ class SessionRecord:
     input_wait: tuple[int, float] | None = None
     block_input_wait_s: dict[int, float] = field(default_factory=dict)
     input_delay_s: float = 0.0
-    # Playout pacing (`note_clock`): block starts are held while paused or too far ahead; the next
-    # chunk re-anchors the deadline clock when it is early (the first one, and after a resume).
+    # Playout pacing (`note_clock`): block starts are held while paused or too far ahead.
     paused: bool = False
     held: bool = False
-    anchor_on_next_chunk: bool = True
 
     @property
     def session_id(self) -> str:
@@ -209,12 +207,12 @@ class SessionRecord:
         """Hold block starts while paused or more than `max_lead_s` before their deadline (the
         engine, every tick). Returns when a held start is released (None: nothing held by time)."""
         self.held = self.paused
-        if self.paused or max_lead_s is None or self.anchor_on_next_chunk:
+        if self.paused or max_lead_s is None:
             return None
         starts = [i for i in self._next_items() if i.starts_block]
         if not starts:
             return None
-        release = self.deadline(starts[0].block) - max_lead_s
+        release = self.deadline(starts[0].block) - self.slo.ttff_s - max_lead_s
         self.held = now < release
         return release if self.held else None
 
@@ -222,15 +220,7 @@ class SessionRecord:
         if self.paused and not paused:  # resume: deadlines restart as for a new stream
             frame = self.geometry.first_frame_of(self.blocks_done)
             self.anchor_time, self.anchor_frame = now + self.slo.ttff_s, frame
-            self.anchor_on_next_chunk = True
         self.paused = paused
-
-    def chunk_ready(self, block: int, now: float) -> None:
-        """Playout of this chunk starts now if it is the one the clock waits for and it is early."""
-        if self.anchor_on_next_chunk:
-            self.anchor_on_next_chunk = False
-            if now < self.deadline(block):
-                self.anchor_time, self.anchor_frame = now, self.geometry.first_frame_of(block)
 
     def _next_items(self) -> list[WorkItem]:
         if self.state != "active":

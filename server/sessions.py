@@ -60,9 +60,9 @@ class SessionDefaults:
     max_duration_s: float = 600.0
     max_sessions_per_client: int = 4
     connect_timeout_s: float = 30.0
-    # Frames buffered per session before the oldest are dropped: the engine runs at most its
-    # max_lead_s (1 s) ahead of playout, plus a chunk arriving whole.
-    output_queue_s: float = 2.5
+    # Frames buffered per session beyond its TTFF before the oldest are dropped (the engine's
+    # max_lead_s of 1 s plus a chunk arriving whole).
+    output_queue_s: float = 2.0
 
 
 @dataclass
@@ -218,7 +218,8 @@ class SessionManager:
         sid = f"s{next(self._ids)}-{secrets.token_hex(6)}"
         request = self._request(sid, body)
         assert self.loop is not None
-        capacity = max(2, round(self.defaults.output_queue_s * request.slo.fps))
+        # The engine runs up to ttff + 1 s ahead of deadlines; the queue holds that plus a chunk.
+        capacity = max(2, round((request.slo.ttff_s + self.defaults.output_queue_s) * request.slo.fps))
         session = ServerSession(sid, client, request, FrameQueue(capacity, self.loop), time.monotonic())
         self.sessions[sid] = session
         try:
