@@ -34,10 +34,6 @@ class Pacer:
         self._t_first: float | None = None
         self._t_next: float | None = None  # the next frame's playout tick
         self._last: Frame | None = None
-        self.frames_sent = 0  # including repeats
-        self.repeated = 0  # frames repeated because the next was late
-        self.freezes = 0  # runs of repeated frames
-        self._in_freeze = False
 
     def set_fps(self, fps: float) -> None:
         """Takes effect from the next frame (a degradation to a lower rate, or back)."""
@@ -74,11 +70,5 @@ class Pacer:
         # pts follows the playout ticks (even spacing), not the jitter of the actual send.
         pts = round((self._t_next - self._t_first) * VIDEO_CLOCK_RATE)
         self._t_next += 1.0 / self.fps
-        if repeated:
-            self.repeated += 1
-            if not self._in_freeze:
-                self.freezes += 1
-        self._in_freeze = repeated
         self._last = frame
-        self.frames_sent += 1
         return PacedFrame(frame, pts, repeated, now)

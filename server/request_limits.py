@@ -89,7 +89,8 @@ class BearerAuth:
         if self.key is None or not guarded:
             await self.app(scope, receive, send)
             return
-        if self._token(scope) is not None and hmac.compare_digest(self._token(scope) or b"", self.key):
+        token = self._token(scope)
+        if token is not None and hmac.compare_digest(token, self.key):
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":

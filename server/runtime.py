@@ -13,7 +13,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -86,26 +85,19 @@ class Runtime:
             cost = executor.profile(_base_cost(config.pipeline.worker), batch_sizes=sizes, repeats=2)
             if config.save_cost_model is not None:
                 cost.save(config.save_cost_model)
-        holder: dict[str, Any] = {}
-
-        def on_event(e: Any) -> None:
-            holder["manager"].on_engine_event(e)
-
+        # Engine, metrics and sessions refer to each other; the closures read the names below,
+        # which are all bound before the engine thread starts or anything is scraped.
         engine = Engine(executor, cost, make_policy(config.policy), clock=MonotonicClock(),
                         geometry=executor.geometry,
                         config=EngineConfig(max_batch=config.max_batch, admission=config.admission),
-                        on_event=on_event)
-        runtime_ref: dict[str, Runtime] = {}
-        metrics = ServerMetrics(lambda: runtime_ref["rt"].state())
-        worker = config.pipeline.worker
-        manager = SessionManager(engine, executor=executor, metrics=metrics, defaults=config.sessions,
-                                 model_fps=pipeline.fps,
+                        on_event=lambda e: manager.on_engine_event(e))
+        metrics = ServerMetrics(lambda: rt.state())
+        manager = SessionManager(engine, metrics=metrics, defaults=config.sessions, model_fps=pipeline.fps,
                                  default_steps=len(pipeline.runner.sampler.timesteps(None)),
                                  resolution=pipeline.resolution)
-        holder["manager"] = manager
         rt = cls(config, pipeline, executor, engine, metrics, manager)
-        runtime_ref["rt"] = rt
         rt.build_seconds = time.perf_counter() - t0
+        worker = config.pipeline.worker
         log.info("built %s on %s in %.1f s", worker.config.name, worker.device, rt.build_seconds)
         return rt
 

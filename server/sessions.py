@@ -27,7 +27,7 @@ import numpy as np
 from rollcast.scheduler.admission import AdmissionDecision
 from rollcast.scheduler.engine import Engine
 from rollcast.scheduler.events import EngineEvent
-from rollcast.scheduler.session import SessionRecord, SessionRequest, SessionSLO
+from rollcast.scheduler.session import SessionRequest, SessionSLO
 from rollcast.server.frame_queue import Frame, FrameQueue
 from rollcast.server.metrics import ServerMetrics
 from rollcast.server.schemas import ParamsUpdate, SessionCreate
@@ -163,11 +163,9 @@ class ServerSession:
 
 
 class SessionManager:
-    def __init__(self, engine: Engine, *, executor: Any, metrics: ServerMetrics,
-                 defaults: SessionDefaults, model_fps: float, default_steps: int,
-                 resolution: tuple[int, int]) -> None:
+    def __init__(self, engine: Engine, *, metrics: ServerMetrics, defaults: SessionDefaults,
+                 model_fps: float, default_steps: int, resolution: tuple[int, int]) -> None:
         self.engine = engine
-        self.executor = executor
         self.metrics = metrics
         self.defaults = defaults
         self.model_fps = model_fps
@@ -222,12 +220,8 @@ class SessionManager:
         capacity = max(2, round((request.slo.ttff_s + self.defaults.output_queue_s) * request.slo.fps))
         session = ServerSession(sid, client, request, FrameQueue(capacity, self.loop), time.monotonic())
         self.sessions[sid] = session
-        try:
-            decision = await asyncio.to_thread(self.engine.open_session, request)
-        except Exception as e:  # the executor could not open it (e.g. out of cache rows)
-            self.sessions.pop(sid, None)
-            raise SessionError(503, "capacity_exhausted", f"could not open the session: {e}",
-                               retry_after_s=5.0) from e
+        # Executor refusals (no cache row, a setup it cannot run) come back as rejections.
+        decision = await asyncio.to_thread(self.engine.open_session, request)
         if decision.outcome == "rejected" and decision.reason == "unsupported":
             self.sessions.pop(sid, None)
             raise SessionError(422, "unsupported", f"this server cannot run that session: {decision.detail}")
@@ -437,9 +431,6 @@ class SessionManager:
             if s.state in out:
                 out[s.state] += 1
         return out
-
-    def record(self, session_id: str) -> SessionRecord | None:
-        return self.engine.sessions.get(session_id)
 
 
 def _rejection_message(d: AdmissionDecision) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from rollcast.scheduler.admission import AdmissionConfig
+from rollcast.scheduler.cost_model import CostModel
 from rollcast.server.runtime import ServeConfig
 from rollcast.server.sessions import SessionDefaults
 from rollcast.server.websocket_transport import decode_frame, encode_frame
@@ -24,6 +26,15 @@ from rollcast.workers.stream_generator import WorkerSpec
 from rollcast.workers.video_pipeline import PipelineSpec
 
 SIZE = (64, 64)
+
+
+def fixed_cost_model(path: Path) -> Path:
+    """An optimistic tiny cost model file, for servers that must not depend on start-up profiling:
+    on a busy 2-core machine the profile can predict more than a whole server for one session, and
+    then every create is a (legitimate) 503 slo_infeasible."""
+    CostModel.for_model(ModelConfig.preset("tiny"), name="tiny-fixed", peak_flops=1e13, half_tokens=200.0,
+                        overhead_s=0.001, decode_s_per_latent_frame=0.0005).save(path)
+    return path
 
 
 def tiny_serve_config(**overrides: Any) -> ServeConfig:

@@ -19,10 +19,8 @@ pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import Browser, Page, sync_playwright  # noqa: E402
 from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 
-from rollcast.scheduler.cost_model import CostModel  # noqa: E402
 from rollcast.server.background import BackgroundServer  # noqa: E402
-from rollcast.workers.model_config import ModelConfig  # noqa: E402
-from tests.server_helpers import tiny_serve_config  # noqa: E402
+from tests.server_helpers import fixed_cost_model, tiny_serve_config  # noqa: E402
 
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
@@ -32,11 +30,7 @@ CONSOLE: dict[int, list[str]] = {}  # the page's console messages, for failure r
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
-    # A fixed cost model instead of start-up profiling: on a busy machine the profile can predict
-    # more than a whole server for one session and refuse it (503 slo_infeasible).
-    cost = tmp_path_factory.mktemp("browser") / "cost.json"
-    CostModel.for_model(ModelConfig.preset("tiny"), name="tiny-browser", peak_flops=1e13, half_tokens=200.0,
-                        overhead_s=0.001, decode_s_per_latent_frame=0.0005).save(cost)
+    cost = fixed_cost_model(tmp_path_factory.mktemp("browser") / "cost.json")
     with BackgroundServer(tiny_serve_config(cost_model=cost)) as srv:
         yield srv
 

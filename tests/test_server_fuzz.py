@@ -14,11 +14,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from rollcast.scheduler.cost_model import CostModel
 from rollcast.server.background import BackgroundServer
 from rollcast.server.sessions import SessionDefaults
-from rollcast.workers.model_config import ModelConfig
-from tests.server_helpers import tiny_serve_config
+from tests.server_helpers import fixed_cost_model, tiny_serve_config
 
 FUZZ = settings(max_examples=100, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -92,12 +90,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServe
     # A long connect timeout so the one live session survives the whole module without a client.
     sessions = SessionDefaults(ttff_s=3.0, max_sessions_per_client=10, connect_timeout_s=600.0,
                                max_duration_s=600.0)
-    # A fixed, optimistic cost model instead of start-up profiling: on a busy 2-core machine the
-    # profile can predict more than one server's worth of load for a single session, and then every
-    # create is a (legitimate) 503 slo_infeasible and the fuzzer never reaches a live session.
-    cost = tmp_path_factory.mktemp("fuzz") / "cost.json"
-    CostModel.for_model(ModelConfig.preset("tiny"), name="tiny-fuzz", peak_flops=1e13, half_tokens=200.0,
-                        overhead_s=0.001, decode_s_per_latent_frame=0.0005).save(cost)
+    # Without a fixed cost model the fuzzer might never reach a live session (see fixed_cost_model).
+    cost = fixed_cost_model(tmp_path_factory.mktemp("fuzz") / "cost.json")
     with BackgroundServer(tiny_serve_config(sessions=sessions, cost_model=cost)) as srv:
         yield srv
 

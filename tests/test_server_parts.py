@@ -64,19 +64,19 @@ def test_pacer_spaces_frames_and_repeats_instead_of_bursting() -> None:
 
 
 def test_pacer_counts_one_freeze_per_run() -> None:
-    async def run() -> Pacer:
+    async def run() -> list[bool]:
         q = FrameQueue(8, asyncio.get_running_loop())
         pacer = Pacer(q, 100.0)
         q.put_many(_frames(range(1)))
-        for _ in range(4):
-            await pacer.next()  # frame 0, then three repeats
+        sent = [await pacer.next() for _ in range(4)]  # frame 0, then three repeats
         q.put_many(_frames(range(1, 2)))
-        await pacer.next()
-        await pacer.next()  # repeat again: a second freeze
-        return pacer
+        sent.append(await pacer.next())
+        sent.append(await pacer.next())  # repeat again: a second freeze
+        return [p.repeated for p in sent if p is not None]
 
-    p = asyncio.run(run())
-    assert (p.frames_sent, p.repeated, p.freezes) == (6, 4, 2)
+    repeated = asyncio.run(run())
+    freezes = sum(1 for prev, cur in zip([False, *repeated], repeated, strict=False) if cur and not prev)
+    assert (len(repeated), sum(repeated), freezes) == (6, 4, 2)
 
 
 def test_input_sampler_keeps_one_frame_per_tick() -> None:
