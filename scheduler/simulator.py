@@ -12,12 +12,12 @@ rates the highest rate whose attainment is at least 99 %.
 from __future__ import annotations
 
 import copy
-import random
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from rollcast.scheduler.arrivals import arrival_times
 from rollcast.scheduler.clock import FakeClock
 from rollcast.scheduler.cost_model import CostModel
 from rollcast.scheduler.engine import Engine, EngineConfig
@@ -83,18 +83,8 @@ class SimGeometry:
         return cls()
 
 
-def arrival_times(w: Workload) -> list[float]:
-    rng = random.Random(w.seed)
-    times, t = [], 0.0
-    while True:
-        if w.arrival == "poisson":
-            t += rng.expovariate(w.rate)
-        else:
-            shape = 1.0 / (w.burstiness ** 2)
-            t += rng.gammavariate(shape, 1.0 / (w.rate * shape))
-        if t >= w.duration_s:
-            return times
-        times.append(t)
+def workload_arrivals(w: Workload) -> list[float]:
+    return arrival_times(w.rate, w.duration_s, arrival=w.arrival, burstiness=w.burstiness, seed=w.seed)
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -132,7 +122,7 @@ def simulate(policy_name: str, cost: CostModel, workload: Workload, *,
     executor = SimulatedExecutor(clock, truth, jitter=jitter, seed=workload.seed + 1)
     engine = Engine(executor, copy.deepcopy(cost), make_policy(policy_name), clock=clock,
                     geometry=lambda _req: geo, config=config)
-    pending = arrival_times(workload)
+    pending = workload_arrivals(workload)
     slo = SessionSLO(ttff_s=workload.ttff_s, fps=workload.fps, min_steps=workload.min_steps)
     counter = iter(range(len(pending)))
 

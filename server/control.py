@@ -1,9 +1,11 @@
 """The `control` channel protocol, shared by the WebRTC data channel and the WebSocket transport.
 
 Client -> server: typed JSON messages (`params.update`, `prompt.transition`, `cache.reset`, `pause`,
-`resume`, `ping`), each with an optional `id`. Server -> client: an `ack` for each (echoing `id` and
-`type`, with `applied_at_frame`: the first output frame the change affects) or an `error` naming the
-problem; and unprompted `stats`, `degraded`/`recovered`, `first_frame`, `stream_stopped`.
+`resume`, `ping`, `frames.subscribe`), each with an optional `id`. Server -> client: an `ack` for
+each (echoing `id` and `type`, with `applied_at_frame`: the first output frame the change affects)
+or an `error` naming the problem; and unprompted `stats`, `degraded`/`recovered`, `first_frame`,
+`stream_stopped`, and after `frames.subscribe` one `frame` message (frame id, pts, repeated) per
+sent frame.
 A bad message gets an error reply; it never closes the channel or touches the stream.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -59,15 +62,17 @@ def parse(raw: str | bytes) -> ControlEnvelope | Message:
         return _error("invalid_message", f"{where}: {first['msg']}", msg_id, msg_type)
 
 
-async def handle(manager: SessionManager, session: ServerSession, raw: str | bytes) -> Message:
-    """Parse and apply one control message; the reply to send back."""
+async def handle(manager: SessionManager, session: ServerSession, raw: str | bytes,
+                 send: Callable[[Message], None]) -> Message:
+    """Parse and apply one control message arriving on the channel that `send` writes to; the reply
+    to send back."""
     parsed = parse(raw)
     if isinstance(parsed, dict):
         manager.metrics.control_messages.labels("invalid", "error").inc()
         return parsed
     msg = parsed.message
     try:
-        ack = await _apply(manager, session, msg)
+        ack = await _apply(manager, session, msg, send)
     except SessionError as e:
         manager.metrics.control_messages.labels(msg.type, "error").inc()
         return _error(e.code, e.message, msg.id, msg.type)
@@ -79,7 +84,8 @@ async def handle(manager: SessionManager, session: ServerSession, raw: str | byt
 
 
 async def _apply(manager: SessionManager, session: ServerSession,
-                 msg: ParamsUpdateMessage | PromptTransitionMessage | SimpleMessage) -> dict[str, Any]:
+                 msg: ParamsUpdateMessage | PromptTransitionMessage | SimpleMessage,
+                 send: Callable[[Message], None]) -> dict[str, Any]:
     if isinstance(msg, ParamsUpdateMessage):
         return await manager.update_params(session, msg.params)
     if isinstance(msg, PromptTransitionMessage):
@@ -87,6 +93,8 @@ async def _apply(manager: SessionManager, session: ServerSession,
             session, ParamsUpdate(prompt=msg.prompt, transition_blocks=msg.blocks))
     if msg.type == "ping":
         return {"session_state": session.state}
+    if msg.type == "frames.subscribe":
+        return {"replayed": session.subscribe_frames(send)}
     if msg.type == "cache.reset":
         return {"applied_at_frame": await manager.reset_cache(session)}
     return await manager.update_params(session, ParamsUpdate(paused=msg.type == "pause"))

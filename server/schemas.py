@@ -108,7 +108,7 @@ class PromptTransitionMessage(Strict):
 
 
 class SimpleMessage(Strict):
-    type: Literal["cache.reset", "pause", "resume", "ping"]
+    type: Literal["cache.reset", "pause", "resume", "ping", "frames.subscribe"]
     id: str | int | None = None
 
 

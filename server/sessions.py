@@ -30,6 +30,7 @@ from rollcast.scheduler.events import EngineEvent
 from rollcast.scheduler.session import SessionRequest, SessionSLO
 from rollcast.server.frame_queue import Frame, FrameQueue
 from rollcast.server.metrics import ServerMetrics
+from rollcast.server.pacer import PacedFrame
 from rollcast.server.schemas import ParamsUpdate, SessionCreate
 
 Message = dict[str, Any]
@@ -120,6 +121,10 @@ class ServerSession:
         self._subscribers: list[asyncio.Queue[Message]] = []
         self._senders: list[Callable[[Message], None]] = []  # control-channel writers
         self.history: deque[Message] = deque(maxlen=64)  # recent messages for late SSE subscribers
+        # Sent frames' (frame id, pts, repeated), replayed to a `frames.subscribe` that comes after
+        # the first frames (a WebRTC data channel opens after the video may have started).
+        self.sent_frames: deque[Message] = deque(maxlen=256)
+        self._frame_listeners: list[Callable[[Message], None]] = []
         self.closers: list[Callable[[], Any]] = []  # transport cleanups run at the end
         self.ended = asyncio.Event()
 
@@ -155,6 +160,23 @@ class ServerSession:
     def remove_sender(self, send: Callable[[Message], None]) -> None:
         with contextlib.suppress(ValueError):
             self._senders.remove(send)
+        with contextlib.suppress(ValueError):
+            self._frame_listeners.remove(send)
+
+    def subscribe_frames(self, send: Callable[[Message], None]) -> int:
+        """Send a `frame` message per sent frame to `send` from now on, after replaying the recent
+        ones; returns how many were replayed. WebRTC carries no frame ids in the video itself."""
+        for m in self.sent_frames:
+            send(m)
+        if send not in self._frame_listeners:
+            self._frame_listeners.append(send)
+        return len(self.sent_frames)
+
+    def note_frame_sent(self, frame_id: int, pts: int, repeated: bool) -> None:
+        message: Message = {"type": "frame", "frame_id": frame_id, "pts": pts, "repeated": repeated}
+        self.sent_frames.append(message)
+        for send in list(self._frame_listeners):
+            send(message)
 
     def describe(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "state": self.state, "reason": self.reason,
@@ -299,7 +321,9 @@ class SessionManager:
 
     # -- transports report ---------------------------------------------------------------------------
 
-    def frame_sent(self, s: ServerSession, transport: str, t_sent: float, repeated: bool) -> None:
+    def frame_sent(self, s: ServerSession, transport: str, paced: PacedFrame) -> None:
+        t_sent, repeated = paced.t_sent, paced.repeated
+        s.note_frame_sent(paced.frame.frame_id, paced.pts, repeated)
         st = s.stats
         if st.t_first_frame is None:
             st.t_first_frame = t_sent

@@ -63,7 +63,7 @@ class GeneratedVideoTrack(MediaStreamTrack):
         if paced is None:
             self.stop()
             raise MediaStreamError
-        self.manager.frame_sent(s, "webrtc", paced.t_sent, paced.repeated)
+        self.manager.frame_sent(s, "webrtc", paced)
         frame = av.VideoFrame.from_ndarray(paced.frame.pixels, format="rgb24")
         frame.pts = paced.pts
         frame.time_base = _TIME_BASE
@@ -140,7 +140,7 @@ class WebRTCTransport:
 
             @channel.on("message")
             async def on_message(raw: str | bytes) -> None:
-                send(await control.handle(manager, session, raw))
+                send(await control.handle(manager, session, raw, send))
 
     async def _read_input(self, session: ServerSession, track: MediaStreamTrack) -> None:
         sampler = InputSampler(session.fps)

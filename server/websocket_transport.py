@@ -109,7 +109,7 @@ class WebSocketSession:
             paced = await pacer.next()
             if paced is None:
                 break
-            self.manager.frame_sent(s, "ws", paced.t_sent, paced.repeated)
+            self.manager.frame_sent(s, "ws", paced)
             f = paced.frame
             self._put(encode_frame(f.frame_id, paced.pts, f.pixels, repeated=paced.repeated), control=False)
         await s.ended.wait()  # let stream_stopped go out after the last frame
@@ -134,7 +134,7 @@ class WebSocketSession:
                 if msg["type"] == "websocket.disconnect":
                     return
                 if msg.get("text") is not None:
-                    self.send_message(await control.handle(self.manager, s, msg["text"]))
+                    self.send_message(await control.handle(self.manager, s, msg["text"], self.send_message))
                 elif msg.get("bytes") is not None:
                     await self._input(msg["bytes"])
 
