@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from rollcast import __version__
-from rollcast.server import cli_generate, cli_serve, cli_simulate
+from rollcast.server import cli_bench, cli_generate, cli_loadgen, cli_serve, cli_simulate
 from rollcast.server.cli_args import add_model_args, positive_int, worker_spec
 from rollcast.workers.causal_wan import CausalWanModel
 from rollcast.workers.checkpoint import (
@@ -123,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="run the engine and scheduler on a fake clock with a cost model")
     cli_simulate.add_arguments(p)
     p.set_defaults(func=cli_simulate.run)
+
+    p = sub.add_parser("bench", help="measure the engine offline: fps, block and component times, MFU")
+    add_model_args(p, checkpoint_help="model directory (as for generate); random weights if absent")
+    cli_bench.add_arguments(p)
+    p.set_defaults(func=cli_bench.run)
+
+    p = sub.add_parser("loadgen", help="load a running server with real clients: TTFF, jitter, SLO "
+                                       "attainment")
+    cli_loadgen.add_arguments(p)
+    p.set_defaults(func=cli_loadgen.run)
 
     ck = sub.add_parser("checkpoint", help="write or check DiT checkpoints")
     cks = ck.add_subparsers(dest="checkpoint_command", required=True)
