@@ -3,8 +3,10 @@
 The video track carries no frame ids, so the client subscribes to them on the `control` data
 channel (`frames.subscribe`: one `frame` message per sent frame, with its 90 kHz pts; frames sent
 before the channel opened are replayed). Each decoded frame is timed on arrival with its RTP-derived
-pts; afterwards pts are matched to the server's: aiortc's receiver counts pts from the first packet
-it got, so the two differ by one constant offset, found as the one that matches the most frames.
+pts; afterwards pts are matched to the server's. aiortc's receiver counts pts from the first packet
+it got, which is the first frame the server sent unless that was lost, so the two differ by one
+constant offset: the one that matches the most frames, the earliest such (a regular stream fits
+several equally well, and the first frame sent is by far the likeliest first packet).
 """
 
 from __future__ import annotations
@@ -65,17 +67,17 @@ def match_frames(decoded: list[tuple[float, int]], server_frames: dict[int, tupl
     if not decoded or not server_frames:
         return [], len(decoded)
     first_pts = decoded[0][1]
-    best_offset, best_hits = 0, -1
-    for server_pts in sorted(server_frames)[:_OFFSET_CANDIDATES]:
-        offset = first_pts - server_pts
-        hits = sum((pts - offset) in server_frames for _, pts in decoded)
-        if hits > best_hits:
-            best_offset, best_hits = offset, hits
+
+    def hits(offset: int) -> int:
+        return sum((pts - offset) in server_frames for _, pts in decoded)
+
+    offsets = [first_pts - server_pts for server_pts in sorted(server_frames)[:_OFFSET_CANDIDATES]]
+    best = max(offsets, key=hits)  # the first of equals: the earliest server frame
     frames = []
     for t, pts in decoded:
-        hit = server_frames.get(pts - best_offset)
+        hit = server_frames.get(pts - best)
         if hit is not None:
-            frames.append(FrameArrival(t, hit[0], hit[1]))
+            frames.append(FrameArrival(t, *hit))
     return frames, len(decoded) - len(frames)
 
 
