@@ -10,6 +10,7 @@ one session's failure never stops the others.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -89,7 +90,7 @@ async def run_session(trace: SessionTrace, plan: SessionPlan, http: httpx.AsyncC
 
 
 async def _stream(trace: SessionTrace, plan: SessionPlan, http: httpx.AsyncClient, base_url: str,
-                  created: dict[str, Any], end_session: Any) -> None:
+                  created: dict[str, Any], end_session: Callable[[], Awaitable[None]]) -> None:
     common = {"seconds": plan.session_seconds, "first_frame_timeout_s": plan.first_frame_timeout_s,
               "v2v": plan.mode == "v2v", "end_session": end_session}
     if plan.transport == "ws":

@@ -61,9 +61,9 @@ async def _receive(ws: ClientConnection, trace: SessionTrace, seconds: float, fi
             raise StreamError("disconnected", f"the server closed the WebSocket ({e})") from e
         now = time.monotonic()
         if isinstance(raw, bytes):
-            magic, frame_id, _pts, _w, _h, flags = FRAME_HEADER.unpack_from(raw)
-            if magic != FRAME_MAGIC:
-                raise StreamError("bad_frame", f"frame message starts with {magic!r}")
+            if len(raw) < FRAME_HEADER.size or raw[:4] != FRAME_MAGIC:
+                raise StreamError("bad_frame", f"a {len(raw)}-byte binary message is not an RCF1 frame")
+            _magic, frame_id, _pts, _w, _h, flags = FRAME_HEADER.unpack_from(raw)
             if not trace.frames:
                 t_end = now + seconds
             trace.frames.append(FrameArrival(now, frame_id, bool(flags & 1)))
