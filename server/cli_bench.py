@@ -12,18 +12,8 @@ import json
 from pathlib import Path
 
 from rollcast.loadgen.engine_bench import MODES, BenchConfig, format_summary, run_bench
-from rollcast.server.cli_args import positive_int, worker_spec
+from rollcast.server.cli_args import non_negative_int, positive_int, worker_spec
 from rollcast.workers.vae import VAE_KINDS
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -21,18 +20,8 @@ from rollcast.loadgen.session_client import TRANSPORTS
 from rollcast.loadgen.session_trace import SessionTrace
 from rollcast.loadgen.slo import SLO
 from rollcast.scheduler.arrivals import ARRIVALS
-from rollcast.server.cli_args import positive_int
+from rollcast.server.cli_args import positive_float, positive_int
 from rollcast.server.runtime import API_KEY_ENV
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def _url(text: str) -> str:
@@ -53,13 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", type=_url, default="http://127.0.0.1:8000", help="the server's base URL")
     p.add_argument("--transport", choices=TRANSPORTS, default="ws")
     p.add_argument("--arrival", choices=ARRIVALS, default="poisson")
-    p.add_argument("--rate", type=_positive_float, default=0.5, help="session arrivals per second")
-    p.add_argument("--burstiness", type=_positive_float, default=1.0,
+    p.add_argument("--rate", type=positive_float, default=0.5, help="session arrivals per second")
+    p.add_argument("--burstiness", type=positive_float, default=1.0,
                    help="gamma: coefficient of variation of inter-arrival times (1 = Poisson)")
     p.add_argument("--max-concurrency", type=positive_int, default=None,
                    help="at most this many sessions at once (later arrivals wait for a slot)")
-    p.add_argument("--duration", type=_positive_float, default=30.0, help="seconds of arrivals")
-    p.add_argument("--session-seconds", type=_positive_float, default=10.0,
+    p.add_argument("--duration", type=positive_float, default=30.0, help="seconds of arrivals")
+    p.add_argument("--session-seconds", type=positive_float, default=10.0,
                    help="each session streams this long after its first frame")
     p.add_argument("--mode", choices=("t2v", "v2v"), default="t2v",
                    help="v2v clients send a synthetic moving-bar camera")
@@ -69,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "min_fps; default ttff_ms=1000,deadline_miss_rate=0.01)")
     p.add_argument("--prompt", default=LoadConfig.prompt)
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the server's)")
-    p.add_argument("--first-frame-timeout", type=_positive_float, default=30.0,
+    p.add_argument("--first-frame-timeout", type=positive_float, default=30.0,
                    help="a session with no frame this long after connecting is an error")
     p.add_argument("--seed", type=int, default=0, help="arrival times and per-session seeds")
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"default: ${API_KEY_ENV}")

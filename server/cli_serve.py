@@ -15,23 +15,13 @@ from pathlib import Path
 
 from rollcast.scheduler.admission import AdmissionConfig
 from rollcast.scheduler.policies import POLICY_NAMES
-from rollcast.server.cli_args import add_model_args, positive_int, worker_spec
+from rollcast.server.cli_args import add_model_args, positive_float, positive_int, worker_spec
 from rollcast.server.runtime import ServeConfig
 from rollcast.server.sessions import SessionDefaults
 from rollcast.workers.vae import VAE_KINDS
 from rollcast.workers.video_pipeline import PipelineSpec
 
 CPU_DEMO_RESOLUTION = (128, 128)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 def _port(text: str) -> int:
@@ -53,12 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="batching policy (default slo)")
     p.add_argument("--max-sessions", type=positive_int, default=8, help="KV cache rows (concurrent streams)")
     p.add_argument("--max-batch", type=positive_int, default=8, help="forwards per micro-batch at most")
-    p.add_argument("--ttff-ms", type=_positive_float, default=2000.0, help="default time-to-first-frame SLO")
-    p.add_argument("--fps", type=_positive_float, default=None, help="default output fps (the model's)")
+    p.add_argument("--ttff-ms", type=positive_float, default=2000.0, help="default time-to-first-frame SLO")
+    p.add_argument("--fps", type=positive_float, default=None, help="default output fps (the model's)")
     p.add_argument("--steps", type=positive_int, default=None, help="default denoising steps (all)")
-    p.add_argument("--max-duration", type=_positive_float, default=600.0, help="longest session, seconds")
+    p.add_argument("--max-duration", type=positive_float, default=600.0, help="longest session, seconds")
     p.add_argument("--max-sessions-per-client", type=positive_int, default=4)
-    p.add_argument("--max-utilization", type=_positive_float, default=0.9,
+    p.add_argument("--max-utilization", type=positive_float, default=0.9,
                    help="admission keeps the predicted load under this (0-1]")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $ROLLCAST_API_KEY, else none)")
