@@ -42,3 +42,22 @@ def test_cached_blocks_match_reference_on_cuda(dtype):
     got = torch.cat(outs, dim=2)
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < (1e-4 if dtype == torch.float32 else 3e-2), rel
+
+
+def test_bench_runs_the_real_1_3b_shape_on_cuda(tmp_path):
+    """`rollcast bench` with the 1.3B at 832x480, TAEHV, 2 steps: a complete report whose spec peak
+    and MFU are sane (the figures themselves belong in docs/benchmarking.md, not in asserts)."""
+    import json
+
+    from rollcast.server.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--config", "wan-1.3b", "--resolution", "832x480", "--steps", "2", "--batch", "2",
+                 "--stages", "2", "--vae", "tiny", "--iters", "3", "--device", "cuda",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["device"].startswith("cuda") and r["dtype"] == "bfloat16"
+    assert r["memory_kind"] == "cuda_max_allocated"
+    assert r["fps"] > 0 and 0 < r["mfu"]["dit"] < 1
+    assert r["flops"]["dit_forward"] == pytest.approx(
+        r["analytic_dit_forward_flops"] + r["analytic_dit_omitted_flops"], rel=1e-3)
