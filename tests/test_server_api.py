@@ -105,6 +105,25 @@ def test_frames_change_after_the_acked_frame(http: httpx.Client, server: Backgro
     assert min(diff(f) for f in after) >= 2
 
 
+def test_frames_subscribe_replays_then_follows_every_sent_frame(http: httpx.Client,
+                                                               server: BackgroundServer) -> None:
+    r = create(http, steps=1)
+    sid = r.json()["session_id"]
+    res = asyncio.run(ws_session(server.url, sid, 2.5, send=[(1.2, {"type": "frames.subscribe", "id": 7})]))
+    (ack,) = res.of_type("ack")
+    assert ack["id"] == 7 and ack["for"] == "frames.subscribe"
+    sent = [(f, rep) for f, _, rep in res.frames]
+    announced = [(m["frame_id"], m["repeated"]) for m in res.of_type("frame")]
+    # Frames before the subscription came as a replay (the ack counts them), later ones one by one;
+    # together they are exactly the frames the transport sent, in order.
+    assert 10 <= ack["replayed"] < len(sent)
+    assert announced[:len(sent)] == sent
+    pts = [m["pts"] for m in res.of_type("frame")]
+    # The video's 90 kHz pts: from 0, one frame period apart (a stalled loop may re-anchor it later).
+    assert pts[0] == 0 and (np.diff(pts) > 0).all()
+    assert np.median(np.diff(pts)) == pytest.approx(90_000 / FPS, abs=2)
+
+
 def test_v2v_over_websocket_with_synthetic_camera(http: httpx.Client, server: BackgroundServer) -> None:
     r = create(http, mode="v2v", steps=2)
     assert r.status_code == 201, r.text
