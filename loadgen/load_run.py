@@ -9,49 +9,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
-from rollcast.loadgen.session_client import SessionPlan, Transport, run_session
+from rollcast.loadgen.load_config import LoadConfig
+from rollcast.loadgen.session_client import run_session
 from rollcast.loadgen.session_trace import SessionTrace
-from rollcast.loadgen.slo import SLO
-from rollcast.scheduler.arrivals import Arrival, arrival_times
 
 
 class LoadgenError(Exception):
     """The run cannot start (e.g. the server is unreachable)."""
-
-
-@dataclass(frozen=True)
-class LoadConfig:
-    url: str
-    transport: Transport = "ws"
-    arrival: Arrival = "poisson"
-    rate: float = 0.5  # sessions per second
-    burstiness: float = 1.0
-    max_concurrency: int | None = None
-    duration_s: float = 30.0  # arrivals stop after this
-    session_seconds: float = 10.0  # each session streams this long after its first frame
-    mode: Literal["t2v", "v2v"] = "t2v"
-    slo: SLO = field(default_factory=SLO)
-    seed: int = 0
-    prompt: str = "a paper boat drifting down a rainy street, cinematic"
-    steps: int | None = None
-    first_frame_timeout_s: float = 30.0
-    api_key: str | None = None
-
-    def arrivals(self) -> list[float]:
-        """Arrival offsets (s) from the run's start; the same seed gives the same list."""
-        return arrival_times(self.rate, self.duration_s, arrival=self.arrival, burstiness=self.burstiness,
-                             seed=self.seed)
-
-    def plan(self) -> SessionPlan:
-        return SessionPlan(transport=self.transport, mode=self.mode, prompt=self.prompt,
-                           session_seconds=self.session_seconds, ttff_ms=self.slo.ttff_ms, steps=self.steps,
-                           seed=self.seed, first_frame_timeout_s=self.first_frame_timeout_s,
-                           api_key=self.api_key)
 
 
 @dataclass
@@ -70,14 +39,13 @@ async def run_load(cfg: LoadConfig, on_done: Callable[[SessionTrace], None] | No
     async with httpx.AsyncClient(base_url=cfg.url, headers=headers, timeout=30.0, limits=limits) as http:
         server = await _server_info(http, cfg.url)
         slots = asyncio.Semaphore(cfg.max_concurrency or max(1, len(traces)))
-        plan = cfg.plan()
         t0 = time.monotonic()
 
         async def one(trace: SessionTrace) -> None:
             await asyncio.sleep(max(0.0, t0 + trace.scheduled_s - time.monotonic()))
             async with slots:
                 try:
-                    await run_session(trace, plan, http, cfg.url)
+                    await run_session(trace, cfg, http)
                 except Exception as e:  # a client bug must not lose the run's other sessions
                     trace.fail("client_exception", f"{type(e).__name__}: {e}")
             if on_done is not None:

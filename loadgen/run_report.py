@@ -78,9 +78,8 @@ def summarize(traces: list[SessionTrace], sessions: list[dict[str, Any]], *, dur
     n = len(traces)
     met = sum(s["slo_met"] for s in sessions)
     streamed = [s for s in sessions if s.get("ttff_ms") is not None]
-    intervals = np.concatenate([np.diff([f.t for f in t.frames]) for t in traces if len(t.frames) > 1]
-                               or [np.zeros(0)])
-    fps_of = np.asarray([t.fps for t in traces for _ in range(max(0, len(t.frames) - 1))])
+    intervals = pooled_intervals_ms(traces) / 1e3
+    period = np.asarray([1.0 / t.fps for t in traces for _ in range(max(0, len(t.frames) - 1))])
     due = sum(_frames_due(s) for s in streamed)
     misses = sum(s["deadline_misses"] for s in streamed)
     violations = Counter(v for s in sessions for v in s["slo_violations"])
@@ -101,7 +100,7 @@ def summarize(traces: list[SessionTrace], sessions: list[dict[str, Any]], *, dur
         **_percentiles("ttff_ms", [s["ttff_ms"] / 1e3 for s in streamed]),
         **_percentiles("admission_wait_ms", [s["admission_wait_ms"] / 1e3 for s in streamed]),
         **_percentiles("frame_interval_ms", intervals),
-        "jitter_p99_ms": percentile_ms(np.abs(intervals - 1.0 / fps_of), 99) if intervals.size else None,
+        "jitter_p99_ms": percentile_ms(np.abs(intervals - period), 99) if intervals.size else None,
         "deadline_miss_rate": round(misses / due, 6) if due else None,
         "deadline_misses": misses,
         "freezes": sum(s["freezes"] for s in streamed),

@@ -11,45 +11,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
+from rollcast.loadgen.load_config import LoadConfig
 from rollcast.loadgen.session_trace import SessionTrace, StreamError
 from rollcast.loadgen.webrtc_client import stream_webrtc
 from rollcast.loadgen.ws_client import stream_ws
 
-Transport = Literal["webrtc", "ws"]
-TRANSPORTS = ("webrtc", "ws")
 
-
-@dataclass(frozen=True)
-class SessionPlan:
-    """What every session of a run asks for."""
-
-    transport: Transport
-    mode: Literal["t2v", "v2v"]
-    prompt: str
-    session_seconds: float
-    ttff_ms: float
-    steps: int | None
-    seed: int
-    first_frame_timeout_s: float
-    api_key: str | None
-
-    def body(self, index: int) -> dict[str, Any]:
-        body: dict[str, Any] = {"mode": self.mode, "prompt": self.prompt, "seed": self.seed + index,
-                                "slo": {"ttff_ms": self.ttff_ms}}
-        if self.steps is not None:
-            body["steps"] = self.steps
-        return body
-
-
-async def run_session(trace: SessionTrace, plan: SessionPlan, http: httpx.AsyncClient, base_url: str) -> None:
+async def run_session(trace: SessionTrace, cfg: LoadConfig, http: httpx.AsyncClient) -> None:
     trace.t_request = time.monotonic()
     try:
-        r = await http.post("/v1/sessions", json=plan.body(trace.index))
+        r = await http.post("/v1/sessions", json=cfg.session_body(trace.index))
     except httpx.HTTPError as e:
         trace.fail("connect", f"POST /v1/sessions: {type(e).__name__}: {e}")
         return
@@ -75,7 +50,7 @@ async def run_session(trace: SessionTrace, plan: SessionPlan, http: httpx.AsyncC
         await _delete(http, trace)
 
     try:
-        await _stream(trace, plan, http, base_url, created, end_session)
+        await _stream(trace, cfg, http, created, end_session)
     except StreamError as e:
         trace.fail(e.kind, str(e))
     finally:
@@ -89,12 +64,12 @@ async def run_session(trace: SessionTrace, plan: SessionPlan, http: httpx.AsyncC
             trace.outcome = "completed"
 
 
-async def _stream(trace: SessionTrace, plan: SessionPlan, http: httpx.AsyncClient, base_url: str,
+async def _stream(trace: SessionTrace, cfg: LoadConfig, http: httpx.AsyncClient,
                   created: dict[str, Any], end_session: Callable[[], Awaitable[None]]) -> None:
-    common = {"seconds": plan.session_seconds, "first_frame_timeout_s": plan.first_frame_timeout_s,
-              "v2v": plan.mode == "v2v", "end_session": end_session}
-    if plan.transport == "ws":
-        await stream_ws(trace, base_url=base_url, path=created["ws_url"], api_key=plan.api_key, **common)
+    common = {"seconds": cfg.session_seconds, "first_frame_timeout_s": cfg.first_frame_timeout_s,
+              "v2v": cfg.mode == "v2v", "end_session": end_session}
+    if cfg.transport == "ws":
+        await stream_ws(trace, base_url=cfg.url, path=created["ws_url"], api_key=cfg.api_key, **common)
     else:
         await stream_webrtc(trace, http=http, offer_path=created["offer_url"], **common)
 

@@ -13,10 +13,10 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from rollcast.loadgen.load_run import LoadConfig, LoadgenError, run_load
+from rollcast.loadgen.load_config import TRANSPORTS, LoadConfig
+from rollcast.loadgen.load_run import LoadgenError, run_load
 from rollcast.loadgen.run_plots import write_plots
 from rollcast.loadgen.run_report import build_report, pooled_intervals_ms, summary_table
-from rollcast.loadgen.session_client import TRANSPORTS
 from rollcast.loadgen.session_trace import SessionTrace
 from rollcast.loadgen.slo import SLO
 from rollcast.scheduler.arrivals import ARRIVALS

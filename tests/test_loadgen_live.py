@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from rollcast.loadgen.load_run import LoadConfig
+from rollcast.loadgen.load_config import LoadConfig
 from rollcast.server.background import BackgroundServer
 from rollcast.server.cli import main
 from tests.server_helpers import fixed_cost_model, tiny_serve_config

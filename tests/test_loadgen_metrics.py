@@ -15,7 +15,8 @@ from rollcast.loadgen.frame_metrics import (
     new_content,
     session_metrics,
 )
-from rollcast.loadgen.load_run import LoadConfig, RunResult
+from rollcast.loadgen.load_config import LoadConfig
+from rollcast.loadgen.load_run import RunResult
 from rollcast.loadgen.run_report import build_report, summary_table
 from rollcast.loadgen.session_trace import SessionTrace
 from rollcast.loadgen.slo import SLO
