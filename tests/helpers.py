@@ -17,7 +17,7 @@ def tiny_model(seed: int = 0, **overrides: object) -> CausalWanModel:
         cfg = dataclasses.replace(cfg, **overrides)  # type: ignore[arg-type]
     torch.manual_seed(seed)
     model = CausalWanModel(cfg)
-    model.init_weights(torch.Generator().manual_seed(seed), head_std=0.2)
+    model.init_weights(seed, head_std=0.2)
     return model.eval()
 
 

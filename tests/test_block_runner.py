@@ -13,7 +13,7 @@ from tests.helpers import LATENT_HW, make_pool, random_prompt
 
 
 def runner_for(model, policy, rows=4, sampler="self-forcing", fpb=None):
-    return BlockRunner(model, make_pool(model, policy, rows),
+    return BlockRunner.local(model, make_pool(model, policy, rows),
                        FlowMatchSampler(SamplerConfig.preset(sampler)),
                        latent_hw=LATENT_HW, frames_per_block=fpb)
 

@@ -6,34 +6,54 @@ advances every given session by exactly one forward; sessions at different block
 stream positions batch together as long as their forwards have the same shape (`bucket`).
 The caller (the engine) decides which sessions run together; this class owns the tensors.
 
+Where the layers run is the `DiTForward`'s business (`dit_forward.py`): here, or across pipeline
+stages. A forward is `launch`ed and later `complete`d, so a pipelined DiT can hold several
+micro-batches in flight; `run` does both at once. Between its launch and its completion a session
+must not be launched again (its next forward depends on this one's output).
+
 Noise is drawn from each session's own generator, so a session's frames do not depend on what
 it was batched with.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from rollcast.workers.causal_wan import CausalWanModel
+from rollcast.workers.dit_forward import DiTForward, ForwardHandle, KVWrite, LocalDiT
 from rollcast.workers.kv_cache import KVCachePool
-from rollcast.workers.prompt_kv import PromptBatch, PromptKV
+from rollcast.workers.prompt_kv import PromptHandle
 from rollcast.workers.sampler import FlowMatchSampler
 from rollcast.workers.stream_state import BlockInput, StreamState, Work
+
+
+@dataclass
+class PendingRun:
+    """A launched forward: its sessions, what each was doing, and the handle to its output."""
+
+    states: list[StreamState]
+    works: list[Work]
+    timesteps: list[float]
+    x: Tensor
+    handle: ForwardHandle
 
 
 class BlockRunner:
     def __init__(
         self,
-        model: CausalWanModel,
-        pool: KVCachePool,
+        dit: DiTForward,
         sampler: FlowMatchSampler,
         *,
         latent_hw: tuple[int, int],
         frames_per_block: int | None = None,
     ) -> None:
-        cfg = model.config
-        self.model = model
+        cfg = dit.config
+        self.dit = dit
+        self.config = cfg
+        pool = dit.pool
         self.pool = pool
         self.policy = pool.policy
         self.sampler = sampler
@@ -50,9 +70,29 @@ class BlockRunner:
         self.block_shape = (cfg.in_dim, self.frames_per_block, h, w)
         self.device = pool.device
 
+    @classmethod
+    def local(cls, model: CausalWanModel, pool: KVCachePool, sampler: FlowMatchSampler, *,
+              latent_hw: tuple[int, int], frames_per_block: int | None = None) -> BlockRunner:
+        """A runner whose layers all run in this process."""
+        return cls(LocalDiT(model, pool), sampler, latent_hw=latent_hw, frames_per_block=frames_per_block)
+
+    @property
+    def model(self) -> CausalWanModel | None:
+        """The whole model when it runs in this process (None when it is split into stages)."""
+        return getattr(self.dit, "model", None)
+
+    @property
+    def depth(self) -> int:
+        """Forwards that may be in flight at once."""
+        return self.dit.depth
+
+    def prompt_kv(self, embedding: Tensor) -> PromptHandle:
+        """The runner's handle on a prompt's cross-attention K/V (text embedding [L, text_dim])."""
+        return self.dit.prompt_kv(embedding)
+
     # -- session lifecycle --------------------------------------------------------------------
 
-    def open(self, session_id: str, prompt: PromptKV, *, seed: int,
+    def open(self, session_id: str, prompt: PromptHandle, *, seed: int,
              num_steps: int | None = None, v2v: bool = False) -> StreamState:
         timesteps = self.sampler.timesteps(num_steps)  # a bad step count raises before a row is taken
         gen = torch.Generator(device=self.device)
@@ -62,6 +102,7 @@ class BlockRunner:
             c, _, h, w = self.block_shape
             clean = torch.zeros(c, self.pool.capacity, h, w, device=self.device)
         row = self.pool.allocate()
+        self.dit.opened(row)
         return StreamState(
             session_id=session_id, row=row, prompt=prompt, generator=gen,
             timesteps=timesteps,
@@ -73,10 +114,11 @@ class BlockRunner:
         if state.closed:
             return
         self.pool.release(state.row)
+        self.dit.released(state.row)
         state.latent = state.clean = None
         state.closed = True
 
-    def set_prompt(self, state: StreamState, prompt: PromptKV) -> None:
+    def set_prompt(self, state: StreamState, prompt: PromptHandle) -> None:
         """Switch prompt at the next block boundary (re-caching first if the policy says so)."""
         state.pending_prompt = prompt
         if self.policy.recache_on_prompt_switch and state.frames_done > 0:
@@ -111,6 +153,49 @@ class BlockRunner:
         [C, F, h, w] (None for sessions whose block is still in progress)."""
         if not states:
             return []
+        return self.complete(self.launch(states))
+
+    @torch.no_grad()
+    def launch(self, states: list[StreamState]) -> PendingRun:
+        """Start one forward for every session (new blocks draw their noise now)."""
+        self._validate(states)
+        if states[0].next_work is Work.RECACHE:
+            return self._launch_recache(states)
+        f = self.frames_per_block
+        works = [s.next_work for s in states]
+        new_block = [w is Work.DENOISE and s.step == 0 for s, w in zip(states, works, strict=True)]
+        for s, is_new in zip(states, new_block, strict=True):
+            if is_new:
+                self._start_block(s)
+        ts = [0.0 if w is Work.CONTEXT else s.timesteps[s.step]
+              for s, w in zip(states, works, strict=True)]
+        x = torch.stack([s.latent for s in states])  # type: ignore[misc]
+        t = torch.tensor(ts, device=self.device)[:, None].expand(-1, f)
+        write = KVWrite(
+            rows=[s.row for s in states],
+            frames=[list(range(s.frames_done, s.frames_done + f)) for s in states],
+            rope_positions=[list(range(s.block_rope_start, s.block_rope_start + f)) for s in states],
+            new_block=new_block, grid_hw=self.grid_hw,
+        )
+        handle = self.dit.launch(x, t, [s.prompt for s in states], write)
+        return PendingRun(states, works, ts, x, handle)
+
+    @torch.no_grad()
+    def complete(self, run: PendingRun) -> list[Tensor | None]:
+        """Wait for a launched forward and advance its sessions (sampler step, re-noise)."""
+        v = run.handle.wait()
+        if run.works[0] is Work.RECACHE:
+            for s in run.states:
+                s.recache_pending = False
+            return [None] * len(run.states)
+        sig = torch.tensor([self.sampler.sigma(ti) for ti in run.timesteps], device=self.device)
+        x0 = self.sampler.to_x0(run.x, v.to(run.x.dtype), sig.view(-1, 1, 1, 1, 1))
+        return [self._advance(s, w, x0_i)
+                for s, w, x0_i in zip(run.states, run.works, x0.unbind(0), strict=True)]
+
+    def _validate(self, states: list[StreamState]) -> None:
+        if not states:
+            raise ValueError("a forward needs at least one session")
         closed = [s.session_id for s in states if s.closed]
         if closed:
             raise ValueError(f"sessions already closed: {closed}")
@@ -122,35 +207,6 @@ class BlockRunner:
             raise ValueError(f"sessions of different forward shapes in one batch: {buckets}")
         if len({s.row for s in states}) != len(states):
             raise ValueError("a session appears twice in one batch")
-        if states[0].next_work is Work.RECACHE:
-            self._recache(states)
-            return [None] * len(states)
-        return self._block_step(states)
-
-    def _block_step(self, states: list[StreamState]) -> list[Tensor | None]:
-        f = self.frames_per_block
-        works = [s.next_work for s in states]
-        new_block = [w is Work.DENOISE and s.step == 0 for s, w in zip(states, works, strict=True)]
-        for s, is_new in zip(states, new_block, strict=True):
-            if is_new:
-                self._start_block(s)
-        ts = [0.0 if w is Work.CONTEXT else s.timesteps[s.step]
-              for s, w in zip(states, works, strict=True)]
-        x = torch.stack([s.latent for s in states])  # type: ignore[misc]
-        t = torch.tensor(ts, device=self.device)[:, None].expand(-1, f)
-        kv = self.pool.batch(
-            rows=[s.row for s in states],
-            frames=[list(range(s.frames_done, s.frames_done + f)) for s in states],
-            rope_positions=[list(range(s.block_rope_start, s.block_rope_start + f)) for s in states],
-            new_block=new_block, grid_hw=self.grid_hw, rope=self.model.rope,
-        )
-        v = self.model(x, t, PromptBatch.stack([s.prompt for s in states]), kv.attend)
-        sig = torch.tensor([self.sampler.sigma(ti) for ti in ts], device=self.device)
-        x0 = self.sampler.to_x0(x, v, sig.view(-1, 1, 1, 1, 1))
-        outputs: list[Tensor | None] = []
-        for s, w, x0_i in zip(states, works, x0.unbind(0), strict=True):
-            outputs.append(self._advance(s, w, x0_i))
-        return outputs
 
     def _start_block(self, s: StreamState) -> None:
         if s.pending_prompt is not None:
@@ -211,9 +267,9 @@ class BlockRunner:
             return recent
         return list(range(min(sink, n))) + recent
 
-    def _recache(self, states: list[StreamState]) -> None:
+    def _launch_recache(self, states: list[StreamState]) -> PendingRun:
         """One t=0 forward over each session's cached frames with its new prompt, rewriting their
-        K/V (the frames attend to the sink and to each other)."""
+        K/V (the frames attend to the sink and to each other); its output is not used."""
         frames = [self._recache_frames(s) for s in states]
         slots = [[self.pool.slot_of(fr) for fr in fs] for fs in frames]
         for s in states:
@@ -221,11 +277,10 @@ class BlockRunner:
                 s.prompt, s.pending_prompt = s.pending_prompt, None
         x = torch.stack([s.clean[:, sl] for s, sl in zip(states, slots, strict=True)])  # type: ignore[index]
         t = torch.zeros(x.shape[0], x.shape[2], device=self.device)
-        kv = self.pool.batch(
+        write = KVWrite(
             rows=[s.row for s in states], frames=frames,
             rope_positions=[[s.slot_rope[i] for i in sl] for s, sl in zip(states, slots, strict=True)],
-            new_block=[False] * len(states), grid_hw=self.grid_hw, rope=self.model.rope,
+            new_block=[False] * len(states), grid_hw=self.grid_hw,
         )
-        self.model(x, t, PromptBatch.stack([s.prompt for s in states]), kv.attend)
-        for s in states:
-            s.recache_pending = False
+        handle = self.dit.launch(x, t, [s.prompt for s in states], write)
+        return PendingRun(states, [Work.RECACHE] * len(states), [0.0] * len(states), x, handle)

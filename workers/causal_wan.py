@@ -249,19 +249,35 @@ class CausalWanModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
 
-    def init_weights(self, generator: torch.Generator | None = None, head_std: float = 0.02) -> None:
-        """Wan's initialisation, except a non-zero head so a fresh model predicts something."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight, generator=generator)
-                nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embedding.weight, generator=generator)
+    def init_weights(self, seed: int = 0, head_std: float = 0.02) -> None:
+        """Wan's initialisation, except a non-zero head so a fresh model predicts something.
+
+        Each block draws from its own generator seeded by (seed, layer), the shared parts from
+        one seeded by `seed`: a pipeline stage holding layers a..b gets exactly the weights the
+        whole model has there.
+        """
+        device = self.patch_embedding.weight.device
+        shared = torch.Generator(device=device).manual_seed(seed)
+        nn.init.xavier_uniform_(self.patch_embedding.weight, generator=shared)
         nn.init.zeros_(self.patch_embedding.bias)
-        for seq in (self.text_embedding, self.time_embedding):
+        for seq in (self.text_embedding, self.time_embedding, self.time_projection):
             for m in seq:
                 if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=0.02, generator=generator)
-        nn.init.normal_(self.head.head.weight, std=head_std, generator=generator)
-        for p in (self.head.modulation, *(b.modulation for b in self.blocks.values())):
+                    if seq is self.time_projection:
+                        nn.init.xavier_uniform_(m.weight, generator=shared)
+                    else:
+                        nn.init.normal_(m.weight, std=0.02, generator=shared)
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.head.head.weight, std=head_std, generator=shared)
+        nn.init.zeros_(self.head.head.bias)
+        with torch.no_grad():
+            self.head.modulation.normal_(generator=shared).div_(self.config.dim ** 0.5)
+        for i in self.layers:
+            gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + 7919 * (i + 1)) % 2**63)
+            block = self.blocks[str(i)]
+            for m in block.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight, generator=gen)
+                    nn.init.zeros_(m.bias)
             with torch.no_grad():
-                p.normal_(generator=generator).div_(p.shape[-1] ** 0.5)
+                block.modulation.normal_(generator=gen).div_(self.config.dim ** 0.5)

@@ -312,11 +312,11 @@ def _write_sharded(sd: dict[str, Tensor], out: Path, max_shard_bytes: int) -> Pa
 
 def synthetic_model(
     config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", layers: range | None = None,
 ) -> CausalWanModel:
     """A randomly initialised model of any config (the same cost as real weights), built
-    directly on `device`."""
+    directly on `device`; with `layers`, the stage holding those layers of the same model."""
     with torch.device(device):
-        model = CausalWanModel(config)
-    model.init_weights(torch.Generator(device=device).manual_seed(seed))
+        model = CausalWanModel(config, layers=layers)
+    model.init_weights(seed)
     return model.to(dtype)

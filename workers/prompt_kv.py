@@ -48,3 +48,15 @@ class PromptBatch:
     def layer(self, layer: int) -> tuple[Tensor, Tensor]:
         i = layer - self.first_layer
         return self.k[i], self.v[i]
+
+
+@dataclass(eq=False)
+class PromptRef:
+    """A prompt whose K/V live on pipeline stages, each for its own layers: the id they know it
+    by. The stages drop their K/V once the driver's last reference to this object is gone."""
+
+    prompt_id: int
+
+
+# What a block runner holds per session for its prompt: the K/V themselves, or a stage reference.
+PromptHandle = PromptKV | PromptRef

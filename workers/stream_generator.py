@@ -74,5 +74,5 @@ def build_runner(spec: WorkerSpec) -> BlockRunner:
         tokens_per_frame=cfg.tokens_per_frame(lh, lw), num_heads=cfg.num_heads,
         head_dim=cfg.head_dim, dtype=spec.dtype, device=spec.device,
     )
-    return BlockRunner(model, pool, FlowMatchSampler(spec.sampler), latent_hw=(lh, lw),
+    return BlockRunner.local(model, pool, FlowMatchSampler(spec.sampler), latent_hw=(lh, lw),
                        frames_per_block=spec.frames_per_block)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from rollcast.workers.prompt_kv import PromptKV
+from rollcast.workers.prompt_kv import PromptHandle
 
 
 class Work(enum.Enum):
@@ -34,7 +34,7 @@ class BlockInput:
 class StreamState:
     session_id: str
     row: int  # KV cache pool row
-    prompt: PromptKV
+    prompt: PromptHandle
     generator: torch.Generator
     timesteps: list[float]
     frames_done: int = 0  # latent frames finished and committed to the cache
@@ -43,7 +43,7 @@ class StreamState:
     block_rope_start: int = 0
     latent: Tensor | None = None  # x_t of the current block [C, F, h, w]; x0 before CONTEXT
     # Changes that take effect at the next block boundary, so a block never mixes prompts.
-    pending_prompt: PromptKV | None = None
+    pending_prompt: PromptHandle | None = None
     pending_timesteps: list[float] | None = None
     recache_pending: bool = False
     # RoPE position of the frame in each cache slot (host copy, for re-caching).

@@ -28,7 +28,7 @@ from rollcast.workers.model_files import ModelFiles
 from rollcast.workers.noise_controller import MotionNoiseController, NoiseControllerConfig
 from rollcast.workers.prompt_blend import PromptTransition, blend
 from rollcast.workers.prompt_cache import PromptEmbeddingCache
-from rollcast.workers.prompt_kv import PromptKV
+from rollcast.workers.prompt_kv import PromptHandle
 from rollcast.workers.stream_generator import WorkerSpec, build_runner
 from rollcast.workers.stream_state import BlockInput, StreamState
 from rollcast.workers.text_encoder import TextEncoder, TextEncoderConfig, UMT5TextEncoder
@@ -75,7 +75,7 @@ class VideoPipeline:
         self.text = text
         self.prompts = PromptEmbeddingCache(text, capacity=spec.prompt_cache_size)
         self.spec = spec
-        self.config = runner.model.config
+        self.config = runner.config
         self.fps = self.config.fps
         lh, lw = runner.latent_hw
         self.resolution = (lw * vae.spatial_stride, lh * vae.spatial_stride)  # (width, height)
@@ -112,8 +112,8 @@ class VideoPipeline:
         embs = self.prompts.get_many(texts)
         return blend(list(embs), [w for _, w in prompt], self.spec.blend_method)  # type: ignore[arg-type]
 
-    def prompt_kv(self, embedding: Tensor) -> PromptKV:
-        return self.runner.model.prompt_kv(embedding.to(self.runner.device))
+    def prompt_kv(self, embedding: Tensor) -> PromptHandle:
+        return self.runner.prompt_kv(embedding)
 
     # -- sessions -------------------------------------------------------------------------------
 
