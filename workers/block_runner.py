@@ -81,6 +81,12 @@ class BlockRunner:
         """The whole model when it runs in this process (None when it is split into stages)."""
         return getattr(self.dit, "model", None)
 
+    def shutdown(self) -> None:
+        """Stop the stages when the layers run elsewhere (nothing to do for a local model)."""
+        close = getattr(self.dit, "close", None)
+        if close is not None:
+            close()
+
     @property
     def depth(self) -> int:
         """Forwards that may be in flight at once."""

@@ -79,10 +79,16 @@ class KVCachePool:
     def free_rows(self) -> int:
         return len(self._free)
 
-    def allocate(self) -> int:
+    def allocate(self, row: int | None = None) -> int:
+        """Take the next free row, or exactly `row` (a pipeline stage mirrors its driver's choice)."""
         if not self._free:
             raise CacheFullError(f"all {self.rows} KV cache rows are in use")
-        row = self._free.pop()
+        if row is None:
+            row = self._free.pop()
+        elif row in self._free:
+            self._free.remove(row)
+        else:
+            raise ValueError(f"KV cache row {row} is not free")
         self.reset_row(row)
         return row
 
@@ -96,6 +102,33 @@ class KVCachePool:
         """Forget every frame of one session (the buffers are masked, not cleared)."""
         self.slot_frame[:, row] = -1
         self._written[row].clear()
+
+    # -- moving layers between pipeline stages ------------------------------------------------
+
+    def export_layer(self, layer: int) -> dict[str, Tensor]:
+        """Everything this pool holds for one layer, every row (for its new owner)."""
+        li = layer - self.layers.start
+        return {"k": self.k[li], "v": self.v[li], "slot_frame": self.slot_frame[li],
+                "block_slot": self.block_slot[li]}
+
+    def relayer(self, layers: range, imported: dict[int, dict[str, Tensor]]) -> None:
+        """Hold `layers` from now on: keep the layers in both ranges, take the others from
+        `imported` (as `export_layer` gave them), drop the rest. Rows and their bookkeeping stay."""
+        missing = [i for i in layers if i not in self.layers and i not in imported]
+        if missing:
+            raise ValueError(f"relayering to {layers} needs the caches of layers {missing}")
+        shape = (len(layers), *self.k.shape[1:])
+        k, v = self.k.new_empty(shape), self.v.new_empty(shape)
+        slot_frame = self.slot_frame.new_empty((len(layers), *self.slot_frame.shape[1:]))
+        block_slot = self.block_slot.new_empty((len(layers), *self.block_slot.shape[1:]))
+        for new_i, layer in enumerate(layers):
+            src = imported.get(layer) or self.export_layer(layer)
+            k[new_i].copy_(src["k"])
+            v[new_i].copy_(src["v"])
+            slot_frame[new_i].copy_(src["slot_frame"])
+            block_slot[new_i].copy_(src["block_slot"])
+        self.layers, self.k, self.v = layers, k, v
+        self.slot_frame, self.block_slot = slot_frame, block_slot
 
     def slot_of(self, frame: int) -> int:
         sink, window = self.policy.sink_frames, self.policy.window_frames

@@ -81,8 +81,10 @@ class VideoPipeline:
         self.resolution = (lw * vae.spatial_stride, lh * vae.spatial_stride)  # (width, height)
 
     @classmethod
-    def build(cls, spec: PipelineSpec) -> VideoPipeline:
-        """Random weights without a checkpoint; else every component from one model directory."""
+    def build(cls, spec: PipelineSpec,
+              runner_builder: Callable[[WorkerSpec], BlockRunner] = build_runner) -> VideoPipeline:
+        """Random weights without a checkpoint; else every component from one model directory.
+        `runner_builder` makes the DiT's runner (a pipeline-parallel one splits it into stages)."""
         w = spec.worker
         if spec.vae_kind not in ("wan", "tiny"):
             raise ValueError(f"unknown VAE {spec.vae_kind!r}; choose wan or tiny")
@@ -94,13 +96,18 @@ class VideoPipeline:
             files = ModelFiles.resolve(w.checkpoint)
             files.text()  # fail before the long loads if a part is missing
             files.vae(spec.vae_kind)
-        runner = build_runner(dataclasses.replace(w, checkpoint=files.dit if files else None))
         vae = build_vae(spec.vae_kind, w.config.vae_size,
                         checkpoint=files.vae(spec.vae_kind) if files else None,
                         device=w.device, dtype=w.dtype, seed=w.seed)
         if vae.z_dim != w.config.in_dim:
             raise CheckpointError(f"VAE latents have {vae.z_dim} channels, the model takes {w.config.in_dim}")
-        return cls(runner, vae, build_text_encoder(w, files), spec=spec)
+        text = build_text_encoder(w, files)
+        runner = runner_builder(dataclasses.replace(w, checkpoint=files.dit if files else None))
+        return cls(runner, vae, text, spec=spec)
+
+    def shutdown(self) -> None:
+        """Stop the DiT's pipeline stages, if it has any (a local model needs nothing)."""
+        self.runner.shutdown()
 
     # -- prompts --------------------------------------------------------------------------------
 

@@ -1,0 +1,65 @@
+"""How a worker's DiT is split: the number of stages, where they run, which layers each holds."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from rollcast.pipeline_parallel.partition import check_split, even_ranges
+from rollcast.pipeline_parallel.stage_group import EXECUTORS, StageExecutor, start_pipeline
+from rollcast.workers.block_runner import BlockRunner
+from rollcast.workers.sampler import FlowMatchSampler
+from rollcast.workers.stream_generator import WorkerSpec, build_runner
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    stages: int = 1
+    executor: StageExecutor = "local"  # stages as threads of this process, or "mp": one process each
+    layer_ranges: tuple[range, ...] | None = None  # None: StreamDiffusionV2's even split
+
+    def __post_init__(self) -> None:
+        if self.stages < 1:
+            raise ValueError(f"stages must be at least 1, got {self.stages}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.executor!r}; choose one of {list(EXECUTORS)}")
+        if self.layer_ranges is not None and len(self.layer_ranges) != self.stages:
+            raise ValueError(f"{len(self.layer_ranges)} layer ranges for {self.stages} stages")
+
+    @property
+    def staged(self) -> bool:
+        """Whether the layers run on stage workers rather than in the driver's own forward."""
+        return self.stages > 1 or self.executor == "mp"
+
+    def ranges(self, num_layers: int) -> list[range]:
+        if self.stages > num_layers:
+            raise ValueError(f"{self.stages} stages for a model of {num_layers} layers: each stage "
+                             f"needs at least one")
+        ranges = list(self.layer_ranges) if self.layer_ranges else even_ranges(num_layers, self.stages)
+        check_split(ranges, num_layers)
+        return ranges
+
+    def build_runner(self, spec: WorkerSpec) -> BlockRunner:
+        """The block runner of a worker: all layers in this process, or a driver over stages."""
+        if not self.staged:
+            return build_runner(spec)
+        cfg = spec.config
+        dit = start_pipeline(spec, self.ranges(cfg.num_layers), self.executor)
+        return BlockRunner(dit, FlowMatchSampler(spec.sampler), latent_hw=cfg.latent_hw(*spec.resolution),
+                           frames_per_block=spec.frames_per_block)
+
+    def replace(self, **changes: object) -> ParallelConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def parse_ranges(text: str) -> tuple[range, ...]:
+    """'0-9,10-29' (inclusive layer numbers per stage) -> (range(0, 10), range(10, 30))."""
+    out = []
+    for part in text.split(","):
+        try:
+            a, b = (int(v) for v in part.split("-"))
+        except ValueError:
+            raise ValueError(f"layer ranges look like 0-9,10-29 (first-last per stage), "
+                             f"got {text!r}") from None
+        out.append(range(a, b + 1))
+    return tuple(out)

@@ -1,0 +1,211 @@
+"""The driver's side of a pipeline: a `DiTForward` whose layers run on stage workers.
+
+The driver (rank 0, in the engine's process) keeps everything per session that is not a layer's:
+latents, noise generators, sampler steps, cache positions, VAE states (`BlockRunner`,
+`VideoPipeline`). A forward is one ring message: the driver sends the latents, timesteps and the
+forward's `KVWrite` to stage 0, the activations travel stage to stage, and the last stage's flow
+prediction comes back to the driver, where the sampler step runs and the next denoising step
+re-enters stage 0. Up to `depth` (= the number of stages) forwards are in flight, so every stage
+works on a different micro-batch; replies come back in launch order.
+
+Rows and prompts: the driver allocates cache rows from a pool without layers (bookkeeping only)
+and tells the stages; a prompt becomes a `PromptRef` whose embedding goes to every stage once,
+and the stages drop its K/V after the last reference to it is gone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from rollcast.pipeline_parallel.partition import check_split
+from rollcast.pipeline_parallel.stage_worker import RING_TAG, decode_text, ranges_of, ranges_tensor
+from rollcast.pipeline_parallel.transport import PeerFailedError, Transport
+from rollcast.workers.dit_forward import KVWrite
+from rollcast.workers.kv_cache import KVCachePool
+from rollcast.workers.model_config import ModelConfig
+from rollcast.workers.prompt_kv import PromptHandle, PromptRef
+
+
+class StageError(RuntimeError):
+    """A stage raised while running a forward (that forward's sessions fail; the pipeline lives)."""
+
+
+class PipelineFailedError(RuntimeError):
+    """A stage is gone: every forward in flight and every later one fails with this."""
+
+
+class StagedForward:
+    """A launched forward; `wait` receives replies in order until this one's is in."""
+
+    def __init__(self, dit: PipelineDiT) -> None:
+        self.dit = dit
+        self.v: Tensor | None = None
+        self.error: Exception | None = None
+        self.stage_s: list[float] = []
+
+    @property
+    def done(self) -> bool:
+        return self.v is not None or self.error is not None
+
+    def wait(self) -> Tensor:
+        while not self.done:
+            self.dit.receive_one()
+        if self.error is not None:
+            raise self.error
+        return self.v  # type: ignore[return-value]
+
+
+class PipelineDiT:
+    def __init__(self, transport: Transport, config: ModelConfig, pool: KVCachePool, ranges: list[range],
+                 *, reply_timeout_s: float | None = None, on_close: Callable[[], None] | None = None) -> None:
+        if len(pool.layers):
+            raise ValueError("the driver's pool is bookkeeping only: it must hold no layers")
+        self.transport = transport
+        self.config = config
+        self.pool = pool
+        self.ranges = list(ranges)
+        self.depth = len(ranges)
+        self.reply_timeout_s = reply_timeout_s
+        self._on_close = on_close
+        self._expected: deque[tuple[str, StagedForward | None]] = deque()
+        self._ids = itertools.count()
+        self._dropped: list[int] = []  # prompt ids whose refs are gone (appended from GC)
+        self._failure: PipelineFailedError | None = None
+        self._lock = threading.Lock()  # sends may come from client threads (open/close rows)
+        self.closed = False
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for kind, _ in self._expected if kind == "forward")
+
+    # -- DiTForward -------------------------------------------------------------------------
+
+    def prompt_kv(self, embedding: Tensor) -> PromptHandle:
+        ref = PromptRef(next(self._ids))
+        self._send("prompt", {"id": torch.tensor(ref.prompt_id), "embedding": embedding.detach()})
+        weakref.finalize(ref, self._dropped.append, ref.prompt_id)
+        return ref
+
+    def opened(self, row: int) -> None:
+        self._send("open_row", {"row": torch.tensor(row)})
+
+    def released(self, row: int) -> None:
+        self._send("release_row", {"row": torch.tensor(row)})
+
+    def launch(self, x: Tensor, t: Tensor, prompts: Sequence[PromptHandle], write: KVWrite) -> StagedForward:
+        if self.in_flight >= self.depth:
+            raise RuntimeError(f"{self.depth} forwards in flight already: wait for one first")
+        ids = [p.prompt_id for p in prompts if isinstance(p, PromptRef)]
+        if len(ids) != len(prompts):
+            raise TypeError("a staged forward takes prompts made by this pipeline (PromptRef)")
+        f = len(write.frames[0])
+        msg = {
+            "x": x, "t": t,
+            "rows": torch.tensor(write.rows, dtype=torch.long),
+            "frames": torch.tensor(write.frames, dtype=torch.long),
+            "rope": torch.tensor(write.rope_positions, dtype=torch.long),
+            "new_block": torch.tensor(write.new_block, dtype=torch.bool),
+            "prompt_ids": torch.tensor(ids, dtype=torch.long),
+            "grid": torch.tensor([f, *write.grid_hw], dtype=torch.long),
+            "stage_s": torch.zeros(self.depth, dtype=torch.float64),
+        }
+        handle = StagedForward(self)
+        self._send("forward", msg, expect=handle)
+        return handle
+
+    # -- control ----------------------------------------------------------------------------
+
+    def rebalance(self, ranges: list[range]) -> None:
+        """Move to new layer ranges; only between forwards (the caller drains the pipeline)."""
+        if self.in_flight:
+            raise RuntimeError(f"rebalance with {self.in_flight} forwards in flight: drain first")
+        if len(ranges) != self.depth:
+            raise ValueError(f"a plan of {len(ranges)} stages for a pipeline of {self.depth}")
+        check_split(ranges, self.config.num_layers)
+        self._send("rebalance", {"ranges": ranges_tensor(ranges)}, expect=None, reply="rebalanced")
+        self._drain_control()
+        self.ranges = list(ranges)
+
+    def ping(self) -> None:
+        """Round trip through every stage (start-up: every stage has built its model)."""
+        self._send("ping", {}, reply="pong")
+        self._drain_control()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self._failure is None:
+                self._send("stop", {}, reply="stopped")
+                self._drain_control()
+        except (PeerFailedError, PipelineFailedError):
+            pass
+        finally:
+            if self._on_close is not None:
+                self._on_close()
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def _send(self, kind: str, tensors: dict[str, Tensor], *, expect: StagedForward | None = None,
+              reply: str | None = None) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self.closed and kind != "stop":
+            raise PipelineFailedError("the pipeline is closed")
+        with self._lock:
+            try:
+                if self._dropped:
+                    ids, self._dropped = self._dropped, []
+                    self.transport.send(1, "drop_prompt", {"ids": torch.tensor(ids, dtype=torch.long)},
+                                        tag=RING_TAG)
+                self.transport.send(1, kind, tensors, tag=RING_TAG)
+            except PeerFailedError as e:
+                raise self._fail(e) from e
+            if expect is not None:
+                self._expected.append(("forward", expect))
+            elif reply is not None:
+                self._expected.append((reply, None))
+
+    def receive_one(self) -> None:
+        """Receive the next reply from the last stage and hand it to whoever expects it."""
+        if self._failure is not None:
+            raise self._failure
+        if not self._expected:
+            raise RuntimeError("no reply is expected")
+        try:
+            kind, msg = self.transport.recv(self.depth, tag=RING_TAG, timeout_s=self.reply_timeout_s)
+        except PeerFailedError as e:
+            raise self._fail(e) from e
+        want, handle = self._expected.popleft()
+        if kind == "error" and handle is not None:
+            handle.error = StageError(decode_text(msg["text"]))
+            return
+        if kind != want:
+            raise self._fail(PeerFailedError(f"pipeline out of step: expected {want!r}, got {kind!r}"))
+        if handle is not None:
+            handle.v = msg["v"].clone()  # the receive buffer is reused by the next reply
+            handle.stage_s = msg["stage_s"].tolist()
+        elif kind == "rebalanced":
+            self.ranges = ranges_of(msg["ranges"])
+
+    def _drain_control(self) -> None:
+        while self._expected:
+            self.receive_one()
+
+    def _fail(self, error: Exception) -> PipelineFailedError:
+        """A stage is gone: fail every forward in flight, refuse everything after."""
+        if self._failure is None:
+            self._failure = PipelineFailedError(f"pipeline stage failed: {error}")
+            for _, handle in self._expected:
+                if handle is not None:
+                    handle.error = self._failure
+            self._expected.clear()
+        return self._failure
