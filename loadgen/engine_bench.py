@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from rollcast.loadgen.flop_count import Peak, count_flops, device_peak
+from rollcast.pipeline_parallel.parallel_config import ParallelConfig
 from rollcast.scheduler.cost_model import CostModel
 from rollcast.scheduler.work import BatchShape, ForwardShape
 from rollcast.workers.causal_wan import CausalWanModel
@@ -69,6 +70,9 @@ class BenchConfig:
     steps: int | None = None  # default: all the sampler's trained steps
     batch: int = 1
     stages: int = 1
+    # None: one device, stage times cut from one model's forward (the single-device baseline);
+    # "local"/"mp": the layers really run on `stages` pipeline stages (threads / processes).
+    executor: str | None = None
     iters: int = 5
     warmup: int | None = None  # blocks; default: enough to fill the KV cache
     peak_tflops: float | None = None
@@ -389,15 +393,27 @@ def measure(rig: _Rig, ranges: list[range]) -> _Measured:
         warmup = default_warmup(pipeline) if cfg.warmup is None else cfg.warmup
         for _ in range(warmup):
             timed_block(rig, sessions)
-        timer = StageTimer(pipeline.runner.model, ranges, rig.clock)
-        try:
-            timer.enabled = True
+        model = pipeline.runner.model
+        if model is None:  # real stages: their own clocks time them
+            log = pipeline.runner.dit.stage_log  # type: ignore[attr-defined]
+            log.clear()
             blocks = [timed_block(rig, sessions) for _ in range(cfg.iters)]
-            timer.enabled = False
-            stage_ms = timer.stage_ms()
-        finally:
-            timer.remove()
-        dit_flops = count_forward_flops(rig, sessions)
+            stage_ms = [[s * 1000.0 for s in fw] for fw in log]
+            # The forward's FLOPs happen on the stages, out of this thread's counter's sight.
+            geo = pipeline.runner.pool
+            shape = BatchShape(cfg.batch, ForwardShape(pipeline.runner.frames_per_block, geo.tokens_per_frame,
+                                                       geo.capacity, pipeline.resolution))
+            dit_flops = int(sum(analytic_forward_flops(cfg.worker.config, shape)))
+        else:
+            timer = StageTimer(model, ranges, rig.clock)
+            try:
+                timer.enabled = True
+                blocks = [timed_block(rig, sessions) for _ in range(cfg.iters)]
+                timer.enabled = False
+                stage_ms = timer.stage_ms()
+            finally:
+                timer.remove()
+            dit_flops = count_forward_flops(rig, sessions)
     finally:
         for s in sessions:
             pipeline.close(s)
@@ -410,15 +426,19 @@ def measure(rig: _Rig, ranges: list[range]) -> _Measured:
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Build the pipeline (random weights without a checkpoint), measure, and return the report."""
     config.validate()
-    pipeline = VideoPipeline.build(config.pipeline_spec())
+    parallel = ParallelConfig(stages=config.stages, executor=config.executor or "local",
+                              rebalance=False) if config.executor else ParallelConfig()
+    pipeline = VideoPipeline.build(config.pipeline_spec(), parallel.build_runner)
     device = pipeline.runner.device
     peak = device_peak(device, config.worker.dtype, config.peak_tflops)
     reset_peak_memory(device)
     rig = _Rig(config, pipeline, DeviceClock(device), np.random.default_rng(config.seed))
-    ranges = stage_layers(config.worker.config.num_layers, config.stages)
+    ranges = getattr(pipeline.runner.dit, "ranges", None) or stage_layers(config.worker.config.num_layers,
+                                                                          config.stages)
     with torch.no_grad():
         measured = measure(rig, ranges)
     memory_mb, memory_kind = peak_memory(device)
+    pipeline.shutdown()
     return build_report(rig, ranges, measured, peak, memory_mb, memory_kind)
 
 
@@ -452,6 +472,7 @@ def _echo(rig: _Rig, m: _Measured, geo: _Geometry) -> dict[str, Any]:
     return {
         "config": spec.config.name, "resolution": list(pipeline.resolution),
         "steps": len(m.blocks[0].step_ms), "batch": cfg.batch, "stages": cfg.stages,
+        "executor": cfg.executor or "one device",
         "vae": pipeline.spec.vae_kind, "mode": cfg.mode, "policy": runner.policy.name,
         "device": str(runner.device), "device_name": _device_name(runner.device),
         "dtype": str(spec.dtype).removeprefix("torch."), "iters": cfg.iters, "warmup": m.warmup,

@@ -17,6 +17,7 @@ class ParallelConfig:
     stages: int = 1
     executor: StageExecutor = "local"  # stages as threads of this process, or "mp": one process each
     layer_ranges: tuple[range, ...] | None = None  # None: StreamDiffusionV2's even split
+    rebalance: bool = True  # move layers online when measured stage times say so
 
     def __post_init__(self) -> None:
         if self.stages < 1:
@@ -45,6 +46,8 @@ class ParallelConfig:
             return build_runner(spec)
         cfg = spec.config
         dit = start_pipeline(spec, self.ranges(cfg.num_layers), self.executor)
+        if not self.rebalance:
+            dit.balance = None
         return BlockRunner(dit, FlowMatchSampler(spec.sampler), latent_hw=cfg.latent_hw(*spec.resolution),
                            frames_per_block=spec.frames_per_block)
 

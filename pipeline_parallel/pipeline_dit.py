@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from rollcast.pipeline_parallel.partition import check_split
+from rollcast.pipeline_parallel.stage_balance import StageBalance
 from rollcast.pipeline_parallel.stage_worker import RING_TAG, decode_text, ranges_of, ranges_tensor
 from rollcast.pipeline_parallel.transport import PeerFailedError, Transport
 from rollcast.workers.dit_forward import KVWrite
@@ -64,7 +65,8 @@ class StagedForward:
 
 class PipelineDiT:
     def __init__(self, transport: Transport, config: ModelConfig, pool: KVCachePool, ranges: list[range],
-                 *, reply_timeout_s: float | None = None, on_close: Callable[[], None] | None = None) -> None:
+                 *, reply_timeout_s: float | None = None, on_close: Callable[[], None] | None = None,
+                 auto_rebalance: bool = True) -> None:
         if len(pool.layers):
             raise ValueError("the driver's pool is bookkeeping only: it must hold no layers")
         self.transport = transport
@@ -80,6 +82,15 @@ class PipelineDiT:
         self._failure: PipelineFailedError | None = None
         self._lock = threading.Lock()  # sends may come from client threads (open/close rows)
         self.closed = False
+        self.balance = StageBalance(list(ranges)) if auto_rebalance else None
+        # What the stages hold for K/V, all layers together (the driver's pool holds none).
+        per_layer = 2 * pool.k[0:0].element_size() * pool.rows * pool.k.shape[2] * pool.k.shape[3] \
+            * pool.k.shape[4]
+        self.kv_bytes = per_layer * config.num_layers
+        self._proposed: list[range] | None = None  # new ranges the pipeline should move to
+        self.rebalances = 0
+        self.stage_pids: list[int | None] = []  # stage processes (mp), for operators and tests
+        self.stage_log: deque[list[float]] = deque(maxlen=4096)  # recent forwards' stage seconds
 
     @property
     def in_flight(self) -> int:
@@ -132,6 +143,20 @@ class PipelineDiT:
         self._send("rebalance", {"ranges": ranges_tensor(ranges)}, expect=None, reply="rebalanced")
         self._drain_control()
         self.ranges = list(ranges)
+        self._proposed = None
+        self.rebalances += 1
+        if self.balance is not None:
+            self.balance.moved_to(self.ranges)
+
+    def request_rebalance(self, ranges: list[range]) -> None:
+        """Ask for a move to `ranges` at the next moment nothing is in flight (the executor drains
+        the ring for it: see `rebalance_plan`)."""
+        check_split(ranges, self.config.num_layers)
+        self._proposed = list(ranges)
+
+    def rebalance_plan(self) -> list[range] | None:
+        """Ranges the pipeline should move to (requested, or proposed by the stage balance)."""
+        return self._proposed
 
     def ping(self) -> None:
         """Round trip through every stage (start-up: every stage has built its model)."""
@@ -193,8 +218,19 @@ class PipelineDiT:
         if handle is not None:
             handle.v = msg["v"].clone()  # the receive buffer is reused by the next reply
             handle.stage_s = msg["stage_s"].tolist()
+            self.stage_log.append(handle.stage_s)
+            self._note_stage_times(handle.stage_s)
         elif kind == "rebalanced":
             self.ranges = ranges_of(msg["ranges"])
+
+    def _note_stage_times(self, stage_s: list[float]) -> None:
+        balance = self.balance
+        if balance is None:
+            return
+        balance.observe(stage_s)
+        # The exact partition is cheap, but not free: look again every few forwards only.
+        if self._proposed is None and balance.samples % balance.min_samples == 0:
+            self._proposed = balance.proposal()
 
     def _drain_control(self) -> None:
         while self._expected:
@@ -203,7 +239,9 @@ class PipelineDiT:
     def _fail(self, error: Exception) -> PipelineFailedError:
         """A stage is gone: fail every forward in flight, refuse everything after."""
         if self._failure is None:
-            self._failure = PipelineFailedError(f"pipeline stage failed: {error}")
+            rank = getattr(error, "rank", None)
+            who = f"stage {rank - 1} (rank {rank})" if isinstance(rank, int) and rank > 0 else "a stage"
+            self._failure = PipelineFailedError(f"pipeline failed: {who} is gone: {error}")
             for _, handle in self._expected:
                 if handle is not None:
                     handle.error = self._failure

@@ -135,6 +135,7 @@ def _start_processes(spec: WorkerSpec, ranges: list[range], start_timeout_s: flo
         raise
     dit = PipelineDiT(transport, spec.config, driver_pool(spec), ranges,
                       on_close=_closer(procs, transport))
+    dit.stage_pids = [p.pid for p in procs]
     try:
         dit.ping()
     except BaseException:

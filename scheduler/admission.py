@@ -6,6 +6,11 @@ first chunk can arrive within its TTFF SLO. Otherwise, if sessions that allow it
 slot is predicted to free up within `max_queue_wait_s` (sessions with a known duration end), or
 rejected: `slo_infeasible` when it could not meet its SLO even on an idle executor,
 `capacity_exhausted` otherwise, with a retry-after estimate.
+
+Pipeline parallelism: an executor of S stages holds S micro-batches at once, so the sessions
+together may use S times one forward's worth of time per second (`parallelism`); one session on
+its own gets no such help (its next forward waits for its last), so its own feasibility is judged
+without it.
 """
 
 from __future__ import annotations
@@ -68,15 +73,17 @@ class AdmissionController:
         self.config = config
         self.cost = cost
         self.max_batch = max_batch
+        self.parallelism = 1  # micro-batches the executor runs at once (pipeline stages)
 
     def load(self, specs: Sequence[LoadSpec]) -> float:
-        return load(specs, self.cost, self.max_batch)
+        """The executor's predicted utilisation with these sessions (1.0: never idle)."""
+        return load(specs, self.cost, self.max_batch) / self.parallelism
 
     def decide(self, new: SessionRecord, active: Sequence[SessionRecord], *, now: float,
                queue_len: int, allow_queue: bool = True, allow_degrade: bool = True) -> AdmissionDecision:
         cfg = self.config
         own = spec_of(new, steps=step_levels(new.request.steps, new.slo.min_steps)[-1])
-        alone = self.load([own])
+        alone = load([own], self.cost, self.max_batch)
         if alone > cfg.max_utilization or first_chunk_seconds(own, self.cost, 1) > new.slo.ttff_s:
             return AdmissionDecision("rejected", "slo_infeasible", predicted_load=alone)
         current = {r.session_id: spec_of(r) for r in active}

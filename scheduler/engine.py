@@ -75,11 +75,15 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._running = False
-        self._in_flight: MicroBatch | None = None  # submitted, not yet through `update`
+        # Submitted, not yet through `update`, oldest first: up to the executor's depth (one per
+        # pipeline stage), each of different sessions' lanes.
+        self._in_flight: list[MicroBatch] = []
+        self.admission.parallelism = max(1, self.depth)
         self._next_release: float | None = None  # when pacing next lets a held block start
         self._block_t0: dict[tuple[str, int], float] = {}  # (session, block) -> its first forward
         self.batches = 0
         self.batched_items = 0
+        self.max_in_flight = 0  # the most micro-batches the executor held at once
 
     # -- client calls (any thread) -------------------------------------------------------------
 
@@ -158,6 +162,11 @@ class Engine:
             return rec.geometry.first_frame_of(self._next_block_start(rec))
 
     @property
+    def depth(self) -> int:
+        """Micro-batches the executor can hold at once (its pipeline stages; 1 without)."""
+        return int(getattr(self.executor, "depth", 1))
+
+    @property
     def running(self) -> bool:
         thread = self._thread
         return self._running and thread is not None and thread.is_alive()
@@ -179,7 +188,10 @@ class Engine:
 
     def submit(self, batch: MicroBatch) -> None:
         with self._lock:
-            self._in_flight = batch
+            self._in_flight.append(batch)
+            self.max_in_flight = max(self.max_in_flight, len(self._in_flight))
+            for item in batch.items:
+                self.sessions[item.session_id].busy_lanes.add(item.lane)
         self.executor.submit(batch)
 
     def collect(self) -> BatchResult:
@@ -187,7 +199,7 @@ class Engine:
 
     def update(self, result: BatchResult) -> None:
         with self._lock:
-            self._in_flight = None
+            self._release(result.batch)
             self.batches += 1
             self.batched_items += len(result.batch.items)
             if self._on_event is not None:
@@ -218,11 +230,16 @@ class Engine:
     # -- loops --------------------------------------------------------------------------------
 
     def tick(self) -> bool:
-        """One schedule/submit/collect/update round; False when there was nothing to run."""
-        batch = self.schedule(self.clock.now())
-        if batch is None:
+        """One round: schedule and submit micro-batches until the executor holds `depth` of them
+        (the ring of a pipeline is full) or nothing else is ready, then collect and update the
+        oldest. False when there was nothing to run."""
+        while len(self._in_flight) < self.depth:
+            batch = self.schedule(self.clock.now())
+            if batch is None:
+                break
+            self.submit(batch)
+        if not self._in_flight:
             return False
-        self.submit(batch)
         self.update(self.collect())
         return True
 
@@ -276,19 +293,27 @@ class Engine:
 
     def _next_block_start(self, rec: SessionRecord) -> int:
         """The next block of `rec` to start denoising after the forward now running, if any."""
-        starting = self._in_flight is not None and any(
+        starting = any(
             i.session_id == rec.session_id and i.kind == "denoise" and i.step == 0 and i.lane == 0
-            for i in self._in_flight.items)
+            for batch in self._in_flight for i in batch.items)
         block = rec.lane_block[0]
         if rec.lanes == 1 and rec.step > 0:
             return block + 1  # under way
         return block + 1 if starting else block
 
+    def _release(self, batch: MicroBatch) -> None:
+        if batch in self._in_flight:
+            self._in_flight.remove(batch)
+        for item in batch.items:
+            self.sessions[item.session_id].busy_lanes.discard(item.lane)
+
     def _fail_in_flight(self, error: Exception) -> None:
         with self._lock:
-            batch, self._in_flight = self._in_flight, None
+            batches = list(self._in_flight)
+            for batch in batches:
+                self._release(batch)
             now = self.clock.now()
-            for sid in {i.session_id for i in batch.items} if batch else ():
+            for sid in {i.session_id for b in batches for i in b.items}:
                 rec = self.sessions[sid]
                 if rec.state == "active":
                     rec.error = f"executor error: {type(error).__name__}: {error}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from typing import Protocol
 
 from rollcast.scheduler.clock import FakeClock
@@ -30,6 +31,10 @@ class CapacityError(RuntimeError):
 
 
 class Executor(Protocol):
+    # Micro-batches it holds at once (`submit`ted, not yet `collect`ed): its pipeline stages, 1
+    # without. Results come back in submission order.
+    depth: int
+
     def open(self, record: SessionRecord) -> None:
         """Set up the session's worker state; raises (ValueError: a setup it cannot run,
         CapacityError: no room) leaving nothing of it behind."""
@@ -52,21 +57,34 @@ class Executor(Protocol):
         or the block is under way). Cheap; called every tick."""
         ...
 
-    def submit(self, batch: MicroBatch) -> None: ...
+    def submit(self, batch: MicroBatch) -> None:
+        """Start a micro-batch; at most `depth` may be in flight, no session lane in two."""
+        ...
 
-    def collect(self) -> BatchResult: ...
+    def collect(self) -> BatchResult:
+        """Wait for the oldest micro-batch in flight."""
+        ...
 
 
 class SimulatedExecutor:
-    """Takes the time the cost model predicts (times a seeded log-normal jitter) on a fake clock."""
+    """Takes the time the cost model predicts (times a seeded log-normal jitter) on a fake clock.
 
-    def __init__(self, clock: FakeClock, cost: CostModel, *, jitter: float = 0.05, seed: int = 0) -> None:
+    With `stages` > 1 it simulates a balanced pipeline: a forward passes the stages in order, each
+    taking 1/stages of its time, a stage works on one micro-batch at a time, and up to `stages`
+    micro-batches are in flight."""
+
+    def __init__(self, clock: FakeClock, cost: CostModel, *, jitter: float = 0.05, seed: int = 0,
+                 stages: int = 1) -> None:
+        if stages < 1:
+            raise ValueError(f"stages must be at least 1, got {stages}")
         self.clock = clock
         self.cost = cost
         self.jitter = jitter
         self.rng = random.Random(seed)
+        self.depth = stages
         self.open_sessions: set[str] = set()
-        self._inflight: tuple[MicroBatch, float, float] | None = None
+        self._inflight: deque[tuple[MicroBatch, float, float]] = deque()
+        self._stage_free = [0.0] * stages
 
     def open(self, record: SessionRecord) -> None:
         self.open_sessions.add(record.session_id)
@@ -87,8 +105,8 @@ class SimulatedExecutor:
         return True
 
     def submit(self, batch: MicroBatch) -> None:
-        if self._inflight is not None:
-            raise RuntimeError("one micro-batch at a time: collect the previous one first")
+        if len(self._inflight) >= self.depth:
+            raise RuntimeError(f"{self.depth} micro-batches in flight: collect one first")
         unknown = [i.session_id for i in batch.items if i.session_id not in self.open_sessions]
         if unknown:
             raise ValueError(f"sessions not open on the executor: {sorted(set(unknown))}")
@@ -96,13 +114,16 @@ class SimulatedExecutor:
         seconds = self.cost.predict(batch.batch_shape())
         if self.jitter > 0:
             seconds *= math.exp(self.rng.gauss(0.0, self.jitter))
-        self._inflight = (batch, start, start + seconds)
+        t = start
+        for k, free in enumerate(self._stage_free):  # each stage: after the last, when free
+            t = max(t, free) + seconds / self.depth
+            self._stage_free[k] = t
+        self._inflight.append((batch, start, t))
 
     def collect(self) -> BatchResult:
-        if self._inflight is None:
+        if not self._inflight:
             raise RuntimeError("nothing submitted")
-        batch, start, end = self._inflight
-        self._inflight = None
+        batch, start, end = self._inflight.popleft()
         self.clock.advance_to(end)
         frames: dict[str, object | None] = {i.session_id: None for i in batch.items if i.finishes_block}
         return BatchResult(batch, start, end, frames=frames)

@@ -16,7 +16,12 @@ block's output and is decoded with the session's decode state (blocks finish in 
 carries the prompt lane 0 ran it with down the lanes, so a prompt change applies to all lanes
 from the same block on. Policies with a context pass or re-cache do not fit and are refused.
 
-Threads. `collect` (the forwards) runs on the engine's loop without the engine's lock, while
+Pipelining. `submit` does everything up to launching the forward and `collect` the rest, so with
+a runner split into S pipeline stages (`rollcast.pipeline_parallel`) up to S micro-batches are in
+flight, each stage working on a different one; results come back in submission order. A local
+model computes in `collect`, as before.
+
+Threads. `submit`/`collect` (the forwards) run on the engine's loop without the engine's lock, while
 clients may open, close, push input, change prompts or steps under it. Input frames are only
 buffered by the caller (`VideoSession.add_frames`) and encoded here when their block starts;
 prompt changes are queued and applied here before the forward (step changes come from the engine
@@ -41,8 +46,9 @@ from rollcast.scheduler.cost_model import CostModel
 from rollcast.scheduler.executor import CapacityError
 from rollcast.scheduler.session import BlockGeometry, SessionRecord, SessionRequest
 from rollcast.scheduler.work import BatchResult, BatchShape, ForwardShape, MicroBatch, WorkItem
+from rollcast.workers.block_runner import PendingRun
 from rollcast.workers.kv_cache import CacheFullError
-from rollcast.workers.prompt_kv import PromptKV
+from rollcast.workers.prompt_kv import PromptHandle
 from rollcast.workers.stream_state import BlockInput, StreamState, Work
 from rollcast.workers.video_pipeline import VideoPipeline, VideoSession, WeightedPrompt
 
@@ -64,18 +70,30 @@ class _Stream:
     lanes: list[StreamState]  # lanes[0] is video.state; one per denoising step when stream-batched
     timesteps: list[float]  # stream-batched: lane i runs timesteps[i]
     # Per lane > 0: the prompt each block queued for it ran with on lane 0, in block order.
-    handed: list[deque[PromptKV]] = field(default_factory=list)
+    handed: list[deque[PromptHandle]] = field(default_factory=list)
     # Client changes not applied yet (set from any thread under the executor's lock).
     prompt_changes: list[tuple[str | WeightedPrompt, int]] = field(default_factory=list)
+
+
+@dataclass
+class _InFlight:
+    """A submitted micro-batch: what runs, what already failed, and the launched forward."""
+
+    batch: MicroBatch
+    sessions: list[str]  # open when submitted (busy until collected)
+    started: float
+    plan: list[tuple[WorkItem, _Stream]]
+    pending: PendingRun | None
+    failed: dict[str, str]
 
 
 class LocalExecutor:
     def __init__(self, pipeline: VideoPipeline) -> None:
         self.pipeline = pipeline
         self.streams: dict[str, _Stream] = {}
-        self._inflight: MicroBatch | None = None
-        self._lock = threading.Lock()  # streams, queued changes, sessions of the running forward
-        self._busy: set[str] = set()
+        self._inflight: deque[_InFlight] = deque()  # launched, oldest first
+        self._lock = threading.Lock()  # streams, queued changes, sessions of the running forwards
+        self._busy: dict[str, int] = {}  # session -> its micro-batches in flight
         self._closing: list[_Stream] = []
 
     @property
@@ -195,67 +213,106 @@ class LocalExecutor:
 
     # -- Executor: the loop ------------------------------------------------------------------------
 
-    def submit(self, batch: MicroBatch) -> None:
-        if self._inflight is not None:
-            raise RuntimeError("one micro-batch at a time: collect the previous one first")
-        self._inflight = batch
+    @property
+    def depth(self) -> int:
+        """Micro-batches in flight at once: the runner's pipeline stages (1 for a local model).
+        While the pipeline wants new layer ranges it drains: no more than are in flight now, and
+        the submit that finds the ring empty moves the layers first."""
+        if self._rebalance_plan() is not None:
+            return len(self._inflight) or 1
+        return self.pipeline.runner.depth
 
-    def collect(self) -> BatchResult:
-        batch, self._inflight = self._inflight, None
-        if batch is None:
-            raise RuntimeError("nothing submitted")
+    def _rebalance_plan(self) -> list[range] | None:
+        planner = getattr(self.pipeline.runner.dit, "rebalance_plan", None)
+        return planner() if planner is not None else None
+
+    def submit(self, batch: MicroBatch) -> None:
+        """Client changes, checks and block starts for the batch's sessions, then launch its
+        forward (a local model runs it in `collect`; a pipeline starts it on stage 0 now)."""
+        if len(self._inflight) >= self.depth:
+            raise RuntimeError(f"{self.depth} micro-batches in flight: collect one first")
+        ranges = self._rebalance_plan()
+        if ranges is not None and not self._inflight:
+            self.pipeline.runner.dit.rebalance(ranges)  # type: ignore[attr-defined]
         failed: dict[str, str] = {}
-        frames: dict[str, object | None] = {}
         with self._lock:
             streams = {i.session_id: self.streams.get(i.session_id) for i in batch.items}
-            self._busy = {sid for sid, st in streams.items() if st is not None}
-        try:
-            for sid, stream in streams.items():  # client changes first (the text encoder may run)
-                if stream is not None:
-                    err = self._apply_changes(stream)
-                    if err:
-                        failed[sid] = err
-            start = time.monotonic()
-            plan: list[tuple[WorkItem, _Stream]] = []
-            for item in batch.items:
-                sid = item.session_id
-                stream = streams[sid]
-                if stream is None:
-                    failed[sid] = "session is not open on the executor"
-                    continue
-                err = self._check(stream, item)
+            for sid, st in streams.items():
+                if st is not None:
+                    self._busy[sid] = self._busy.get(sid, 0) + 1
+        for sid, stream in streams.items():  # client changes first (the text encoder may run)
+            if stream is not None:
+                err = self._apply_changes(stream)
                 if err:
-                    failed.setdefault(sid, err)
-                plan.append((item, stream))
-            plan = [(i, s) for i, s in plan if i.session_id not in failed]
-            for item, stream in plan:
-                try:
-                    self._prepare(stream, item)
-                except (RuntimeError, ValueError) as e:
+                    failed[sid] = err
+        start = time.monotonic()
+        plan: list[tuple[WorkItem, _Stream]] = []
+        for item in batch.items:
+            stream = streams[item.session_id]
+            if stream is None:
+                failed[item.session_id] = "session is not open on the executor"
+                continue
+            err = self._check(stream, item)
+            if err:
+                failed.setdefault(item.session_id, err)
+            plan.append((item, stream))
+        plan = [(i, s) for i, s in plan if i.session_id not in failed]
+        for item, stream in plan:
+            try:
+                self._prepare(stream, item)
+            except (RuntimeError, ValueError) as e:
+                failed[item.session_id] = f"{type(e).__name__}: {e}"
+        plan = [(i, s) for i, s in plan if i.session_id not in failed]
+        pending = None
+        if plan:
+            try:
+                pending = self.pipeline.runner.launch([s.lanes[i.lane] for i, s in plan])
+            except (RuntimeError, ValueError) as e:  # the whole forward failed: all its sessions
+                for item, _ in plan:
                     failed[item.session_id] = f"{type(e).__name__}: {e}"
-            plan = [(i, s) for i, s in plan if i.session_id not in failed]
-            if plan:
+                plan = []
+        self._inflight.append(_InFlight(batch, list(streams), start, plan, pending, failed))
+
+    def collect(self) -> BatchResult:
+        if not self._inflight:
+            raise RuntimeError("nothing submitted")
+        f = self._inflight.popleft()
+        failed, frames = f.failed, {}
+        stages: dict[str, float] = {}
+        try:
+            if f.pending is not None:
                 try:
-                    outputs = self.pipeline.runner.run([s.lanes[i.lane] for i, s in plan])
+                    outputs = self.pipeline.runner.complete(f.pending)
                 except (RuntimeError, ValueError) as e:  # the whole forward failed: all its sessions
                     outputs = []
-                    for item, _ in plan:
+                    for item, _ in f.plan:
                         failed[item.session_id] = f"{type(e).__name__}: {e}"
-                for (item, stream), x0 in zip(plan, outputs, strict=False):
-                    if item.session_id in failed:
-                        continue
+                stage_s = getattr(f.pending.handle, "stage_s", None) or []
+                stages = {f"stage{i}": s for i, s in enumerate(stage_s)}
+                for (item, stream), x0 in zip(f.plan, outputs, strict=False):
                     try:
                         self._finish(stream, item, x0, frames)
                     except (RuntimeError, ValueError) as e:
                         failed[item.session_id] = f"{type(e).__name__}: {e}"
             _sync(self.pipeline.runner.device)
-            return BatchResult(batch, start, time.monotonic(), frames=frames, failed=failed)
+            return BatchResult(f.batch, f.started, time.monotonic(), frames=frames, failed=failed,
+                               stages=stages)
         finally:
-            with self._lock:
-                self._busy = set()
-                closing, self._closing = self._closing, []
-            for stream in closing:
-                self._free(stream)
+            self._done_with(f.sessions)
+
+    def _done_with(self, sessions: list[str]) -> None:
+        """The batch's sessions are out of one forward; free those closed meanwhile and idle now."""
+        with self._lock:
+            for sid in sessions:
+                n = self._busy.get(sid, 0) - 1
+                if n > 0:
+                    self._busy[sid] = n
+                else:
+                    self._busy.pop(sid, None)
+            closing = [st for st in self._closing if st.video.state.session_id not in self._busy]
+            self._closing = [st for st in self._closing if st not in closing]
+        for stream in closing:
+            self._free(stream)
 
     def _apply_changes(self, stream: _Stream) -> str | None:
         """Queued prompt changes, on the loop before the forward. Returns an error, if any."""

@@ -147,6 +147,8 @@ class SessionRecord:
     # Playout pacing (`note_clock`): block starts are held while paused or too far ahead.
     paused: bool = False
     held: bool = False
+    # Lanes with a forward in flight (submitted, not yet updated): their next forward waits.
+    busy_lanes: set[int] = field(default_factory=set)
 
     @property
     def session_id(self) -> str:
@@ -225,9 +227,8 @@ class SessionRecord:
     def _next_items(self) -> list[WorkItem]:
         if self.state != "active":
             return []
-        if self.lanes == 1:
-            return self._single_lane_item()
-        return self._lane_items()
+        items = self._single_lane_item() if self.lanes == 1 else self._lane_items()
+        return [i for i in items if i.lane not in self.busy_lanes] if self.busy_lanes else items
 
     def note_input(self, ready: bool, now: float) -> None:
         """Whether the executor holds the input for this session's next block start (the engine,

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from rollcast.pipeline_parallel.parallel_config import ParallelConfig, parse_ranges
+from rollcast.pipeline_parallel.stage_group import EXECUTORS
 from rollcast.workers.cache_policy import POLICIES, CachePolicy
 from rollcast.workers.checkpoint import infer_config
 from rollcast.workers.model_config import PRESETS, ModelConfig
@@ -89,3 +91,25 @@ def worker_spec(args: argparse.Namespace, *, v2v: bool = False) -> WorkerSpec:
         max_sessions=1, device=device, dtype=parse_dtype(args.dtype, device),
         checkpoint=args.checkpoint, lora=args.lora, frames_per_block=fpb,
     )
+
+
+def add_parallel_args(p: argparse.ArgumentParser, *, stages: bool = True) -> None:
+    """--stages / --executor / --layer-ranges: how the DiT's layers are split into pipeline stages."""
+    if stages:
+        p.add_argument("--stages", type=positive_int, default=1,
+                       help="pipeline stages the DiT's layers are split into (default 1)")
+    p.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="where the stages run: local (threads of this process) or mp (one process "
+                        "per stage, torch.distributed: gloo on CPU, NCCL on GPUs)")
+    p.add_argument("--layer-ranges", default=None, metavar="0-9,10-29",
+                   help="first-last layer of each stage (default: an even split; the block "
+                        "scheduler rebalances online)")
+    p.add_argument("--no-rebalance", action="store_true",
+                   help="keep the layer ranges fixed (no online rebalancing from measured stage times)")
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    ranges = parse_ranges(args.layer_ranges) if args.layer_ranges else None
+    stages = args.stages if ranges is None or args.stages != 1 else len(ranges)
+    return ParallelConfig(stages=stages, executor=args.executor, layer_ranges=ranges,
+                          rebalance=not args.no_rebalance)

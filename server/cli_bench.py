@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from rollcast.loadgen.engine_bench import MODES, BenchConfig, format_summary, run_bench
+from rollcast.pipeline_parallel.stage_group import EXECUTORS
 from rollcast.server.cli_args import non_negative_int, positive_int, worker_spec
 from rollcast.workers.vae import VAE_KINDS
 
@@ -22,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, default=1, help="sessions run together in every forward")
     p.add_argument("--stages", type=positive_int, default=1,
                    help="split the layers into this many contiguous stages and time each")
+    p.add_argument("--executor", choices=EXECUTORS, default=None,
+                   help="run the stages for real: local (threads) or mp (one process each); default: "
+                        "one device, stage times cut from one forward")
     p.add_argument("--vae", choices=VAE_KINDS, default=None, help="default: the model config's")
     p.add_argument("--mode", choices=MODES, default="t2v", help="v2v adds each block's input encode")
     p.add_argument("--iters", type=positive_int, default=5, help="measured blocks")
@@ -36,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = BenchConfig(
         worker=worker_spec(args, v2v=args.mode == "v2v"), vae=args.vae, mode=args.mode, steps=args.steps,
-        batch=args.batch, stages=args.stages, iters=args.iters, warmup=args.warmup,
+        batch=args.batch, stages=args.stages, executor=args.executor, iters=args.iters, warmup=args.warmup,
         peak_tflops=args.peak_tflops, seed=args.seed,
     )
     config.validate()

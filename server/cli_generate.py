@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rollcast.server.cli_args import worker_spec
+from rollcast.server.cli_args import add_parallel_args, parallel_config, worker_spec
 from rollcast.workers.noise_controller import NoiseControllerConfig
 from rollcast.workers.vae import VAE_KINDS
 from rollcast.workers.video_file import VideoFileWriter, check_output_path, read_video
@@ -47,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transition-blocks", type=int, default=0,
                    help="blend into each switched prompt over this many blocks (default: at once)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_parallel_args(p)
 
 
 def _check_frames(n: int | None) -> None:
@@ -86,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
         adaptive=not args.fixed_noise,
     )
     t0 = time.perf_counter()
-    pipeline = VideoPipeline.build(PipelineSpec(worker=worker, vae=args.vae, noise=noise))
+    parallel = parallel_config(args)
+    parallel.ranges(cfg.num_layers)  # a bad split fails before anything loads
+    pipeline = VideoPipeline.build(PipelineSpec(worker=worker, vae=args.vae, noise=noise),
+                                   parallel.build_runner)
     load_s = time.perf_counter() - t0
     width, height = pipeline.resolution
     bar = tqdm(total=frames, unit="frame", file=sys.stderr, disable=args.no_progress,
@@ -103,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
                      transition_blocks=args.transition_blocks, on_frames=emit)
         finally:
             bar.close()
+            pipeline.shutdown()
     if worker.device.startswith("cuda"):
         torch.cuda.synchronize()
     gen_s = time.perf_counter() - t1
@@ -111,5 +116,6 @@ def run(args: argparse.Namespace) -> int:
         "mode": "v2v" if v2v else "t2v", "config": cfg.name, "vae": pipeline.vae.kind,
         "steps": args.steps, "seed": args.seed, "load_seconds": round(load_s, 3),
         "generate_seconds": round(gen_s, 3), "frames_per_second": round(frames / gen_s, 2),
+        "stages": parallel.stages, "executor": parallel.executor,
     }))
     return 0

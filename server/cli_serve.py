@@ -15,7 +15,14 @@ from pathlib import Path
 
 from rollcast.scheduler.admission import AdmissionConfig
 from rollcast.scheduler.policies import POLICY_NAMES
-from rollcast.server.cli_args import add_model_args, positive_float, positive_int, worker_spec
+from rollcast.server.cli_args import (
+    add_model_args,
+    add_parallel_args,
+    parallel_config,
+    positive_float,
+    positive_int,
+    worker_spec,
+)
 from rollcast.server.runtime import ServeConfig
 from rollcast.server.sessions import SessionDefaults
 from rollcast.workers.vae import VAE_KINDS
@@ -37,8 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", choices=VAE_KINDS, default=None, help="default: the model config's")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--executor", default="local", choices=("local",),
-                   help="where forwards run (pipeline-parallel and Ray executors come with their issues)")
+    add_parallel_args(p)
     p.add_argument("--scheduler", default="slo", choices=POLICY_NAMES,
                    help="batching policy (default slo)")
     p.add_argument("--max-sessions", type=positive_int, default=8, help="KV cache rows (concurrent streams)")
@@ -66,6 +72,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         raise ValueError(f"--cost-model {args.cost_model}: no such file")
     worker = worker_spec(args)
     worker = dataclasses.replace(worker, max_sessions=args.max_sessions)
+    parallel = parallel_config(args)
+    parallel.ranges(worker.config.num_layers)  # a bad split fails before anything loads
     if args.resolution is None and worker.config.name == "tiny" and worker.device == "cpu":
         # The demo default on 2 CPU cores: at 256x256 one tiny stream cannot hold 16 fps, so
         # admission would refuse every session; at 128x128 several fit.
@@ -77,7 +85,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         sessions=SessionDefaults(ttff_s=args.ttff_ms / 1e3, fps=args.fps, steps=args.steps,
                                  max_duration_s=args.max_duration,
                                  max_sessions_per_client=args.max_sessions_per_client),
-        cost_model=args.cost_model, save_cost_model=args.save_cost_model, ice_servers=tuple(args.ice_server))
+        cost_model=args.cost_model, save_cost_model=args.save_cost_model, ice_servers=tuple(args.ice_server),
+        parallel=parallel)
 
 
 def run(args: argparse.Namespace) -> int:

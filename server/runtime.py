@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from rollcast.pipeline_parallel.parallel_config import ParallelConfig
 from rollcast.scheduler.admission import AdmissionConfig
 from rollcast.scheduler.clock import MonotonicClock
 from rollcast.scheduler.cost_model import CostModel
@@ -46,6 +47,7 @@ class ServeConfig:
     save_cost_model: Path | None = None
     max_body_bytes: int = 64 * 1024
     ice_servers: tuple[str, ...] = ()
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # pipeline stages of the DiT
 
     @staticmethod
     def api_key_from_env(flag: str | None) -> str | None:
@@ -76,7 +78,7 @@ class Runtime:
     @classmethod
     def build(cls, config: ServeConfig) -> Runtime:
         t0 = time.perf_counter()
-        pipeline = VideoPipeline.build(config.pipeline)
+        pipeline = VideoPipeline.build(config.pipeline, config.parallel.build_runner)
         executor = LocalExecutor(pipeline)
         if config.cost_model is not None:
             cost = CostModel.load(config.cost_model)
@@ -108,6 +110,7 @@ class Runtime:
 
     def stop(self) -> None:
         self.engine.stop()
+        self.pipeline.shutdown()
         self.started = False
 
     @property
@@ -122,6 +125,7 @@ class Runtime:
         gpu = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         return {"sessions": counts, "predicted_load": snap["predicted_load"],
                 "mean_batch": snap["mean_batch"],
-                "kv_cache_bytes": pool.nbytes, "kv_cache_rows_used": pool.rows - pool.free_rows,
+                "kv_cache_bytes": getattr(self.pipeline.runner.dit, "kv_bytes", pool.nbytes),
+                "kv_cache_rows_used": pool.rows - pool.free_rows,
                 "kv_cache_rows": pool.rows, "gpu_memory_bytes": gpu}
 
