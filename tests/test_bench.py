@@ -19,7 +19,8 @@ from rollcast.server.cli import main
 
 TINY = ["bench", "--config", "tiny", "--resolution", "64x64", "--device", "cpu"]
 KEYS = {
-    "config", "resolution", "steps", "batch", "stages", "vae", "mode", "policy", "device", "device_name",
+    "config", "resolution", "steps", "batch", "stages", "executor", "vae", "mode", "policy", "device",
+    "device_name",
     "dtype", "iters", "warmup", "seed", "frames_per_block", "video_frames_per_block", "forwards_per_block",
     "tokens_per_forward", "kv_tokens", "fps", "fps_per_stream", "block_ms", "block_breakdown_ms", "ttff_ms",
     "text_encode_ms", "dit_step_ms", "dit_context_ms", "vae_decode_ms", "vae_encode_ms", "stage_timings",
