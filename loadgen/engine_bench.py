@@ -46,6 +46,7 @@ import torch
 
 from rollcast.loadgen.flop_count import Peak, count_flops, device_peak
 from rollcast.pipeline_parallel.parallel_config import ParallelConfig
+from rollcast.pipeline_parallel.partition import even_ranges
 from rollcast.scheduler.cost_model import CostModel
 from rollcast.scheduler.work import BatchShape, ForwardShape
 from rollcast.workers.causal_wan import CausalWanModel
@@ -114,16 +115,6 @@ class BenchConfig:
         # One cache row per benchmarked session plus one for the TTFF session.
         worker = dataclasses.replace(self.worker, max_sessions=self.batch + 1, seed=self.seed)
         return PipelineSpec(worker=worker, vae=self.vae)
-
-
-def stage_layers(num_layers: int, stages: int) -> list[range]:
-    """`stages` contiguous layer ranges covering 0..num_layers, sizes differing by at most one
-    (the first ranges take the remainder)."""
-    base, extra = divmod(num_layers, stages)
-    bounds = [0]
-    for s in range(stages):
-        bounds.append(bounds[-1] + base + (s < extra))
-    return [range(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -433,8 +424,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     peak = device_peak(device, config.worker.dtype, config.peak_tflops)
     reset_peak_memory(device)
     rig = _Rig(config, pipeline, DeviceClock(device), np.random.default_rng(config.seed))
-    ranges = getattr(pipeline.runner.dit, "ranges", None) or stage_layers(config.worker.config.num_layers,
-                                                                          config.stages)
+    ranges = getattr(pipeline.runner.dit, "ranges", None) or even_ranges(config.worker.config.num_layers,
+                                                                         config.stages)
     with torch.no_grad():
         measured = measure(rig, ranges)
     memory_mb, memory_kind = peak_memory(device)

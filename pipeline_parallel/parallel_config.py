@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from rollcast.pipeline_parallel.partition import check_split, even_ranges
 from rollcast.pipeline_parallel.stage_group import EXECUTORS, StageExecutor, start_pipeline
 from rollcast.workers.block_runner import BlockRunner
-from rollcast.workers.sampler import FlowMatchSampler
-from rollcast.workers.stream_generator import WorkerSpec, build_runner
+from rollcast.workers.stream_generator import WorkerSpec, build_runner, runner_over
 
 
 @dataclass(frozen=True)
@@ -44,15 +42,9 @@ class ParallelConfig:
         """The block runner of a worker: all layers in this process, or a driver over stages."""
         if not self.staged:
             return build_runner(spec)
-        cfg = spec.config
-        dit = start_pipeline(spec, self.ranges(cfg.num_layers), self.executor)
-        if not self.rebalance:
-            dit.balance = None
-        return BlockRunner(dit, FlowMatchSampler(spec.sampler), latent_hw=cfg.latent_hw(*spec.resolution),
-                           frames_per_block=spec.frames_per_block)
-
-    def replace(self, **changes: object) -> ParallelConfig:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        dit = start_pipeline(spec, self.ranges(spec.config.num_layers), self.executor,
+                             auto_rebalance=self.rebalance)
+        return runner_over(spec, dit)
 
 
 def parse_ranges(text: str) -> tuple[range, ...]:

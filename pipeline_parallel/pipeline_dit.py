@@ -26,7 +26,7 @@ from torch import Tensor
 
 from rollcast.pipeline_parallel.partition import check_split
 from rollcast.pipeline_parallel.stage_balance import StageBalance
-from rollcast.pipeline_parallel.stage_worker import RING_TAG, decode_text, ranges_of, ranges_tensor
+from rollcast.pipeline_parallel.stage_worker import RING_TAG, decode_text, ranges_tensor
 from rollcast.pipeline_parallel.transport import PeerFailedError, Transport
 from rollcast.workers.dit_forward import KVWrite
 from rollcast.workers.kv_cache import KVCachePool
@@ -84,9 +84,7 @@ class PipelineDiT:
         self.closed = False
         self.balance = StageBalance(list(ranges)) if auto_rebalance else None
         # What the stages hold for K/V, all layers together (the driver's pool holds none).
-        per_layer = 2 * pool.k[0:0].element_size() * pool.rows * pool.k.shape[2] * pool.k.shape[3] \
-            * pool.k.shape[4]
-        self.kv_bytes = per_layer * config.num_layers
+        self.kv_bytes = 2 * pool.k.shape[1:].numel() * pool.k.element_size() * config.num_layers
         self._proposed: list[range] | None = None  # new ranges the pipeline should move to
         self.rebalances = 0
         self.stage_pids: list[int | None] = []  # stage processes (mp), for operators and tests
@@ -220,8 +218,6 @@ class PipelineDiT:
             handle.stage_s = msg["stage_s"].tolist()
             self.stage_log.append(handle.stage_s)
             self._note_stage_times(handle.stage_s)
-        elif kind == "rebalanced":
-            self.ranges = ranges_of(msg["ranges"])
 
     def _note_stage_times(self, stage_s: list[float]) -> None:
         balance = self.balance

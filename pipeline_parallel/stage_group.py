@@ -28,35 +28,25 @@ from rollcast.pipeline_parallel.transport import (
     free_port,
     init_process_group,
 )
-from rollcast.workers.kv_cache import KVCachePool
-from rollcast.workers.stream_generator import WorkerSpec
+from rollcast.workers.stream_generator import WorkerSpec, build_pool
 
 StageExecutor = Literal["local", "mp"]
 EXECUTORS: tuple[str, ...] = ("local", "mp")
 
 
-def driver_pool(spec: WorkerSpec) -> KVCachePool:
-    """Row bookkeeping for the driver: a pool with the stages' layout and no layers."""
-    cfg = spec.config
-    lh, lw = cfg.latent_hw(*spec.resolution)
-    return KVCachePool(layers=range(0), rows=spec.max_sessions, policy=spec.policy,
-                       tokens_per_frame=cfg.tokens_per_frame(lh, lw), num_heads=cfg.num_heads,
-                       head_dim=cfg.head_dim, dtype=spec.dtype, device=spec.device)
-
-
 def start_pipeline(spec: WorkerSpec, ranges: list[range], executor: StageExecutor = "local", *,
-                   start_timeout_s: float = 600.0) -> PipelineDiT:
+                   auto_rebalance: bool = True, start_timeout_s: float = 600.0) -> PipelineDiT:
     if executor == "local":
-        return _start_threads(spec, ranges)
+        return _start_threads(spec, ranges, auto_rebalance)
     if executor == "mp":
-        return _start_processes(spec, ranges, start_timeout_s)
+        return _start_processes(spec, ranges, auto_rebalance, start_timeout_s)
     raise ValueError(f"unknown stage executor {executor!r}; choose one of {list(EXECUTORS)}")
 
 
 # -- threads ------------------------------------------------------------------------------------
 
 
-def _start_threads(spec: WorkerSpec, ranges: list[range]) -> PipelineDiT:
+def _start_threads(spec: WorkerSpec, ranges: list[range], auto_rebalance: bool) -> PipelineDiT:
     hub = QueueHub(len(ranges) + 1)
     workers = [StageWorker(StageSpec(spec, tuple(ranges), i)) for i in range(len(ranges))]
     threads = []
@@ -70,7 +60,8 @@ def _start_threads(spec: WorkerSpec, ranges: list[range]) -> PipelineDiT:
         for th in threads:
             th.join(timeout=10)
 
-    dit = PipelineDiT(hub.transport(0), spec.config, driver_pool(spec), ranges, on_close=join)
+    dit = PipelineDiT(hub.transport(0), spec.config, build_pool(spec, range(0)), ranges, on_close=join,
+                      auto_rebalance=auto_rebalance)
     dit.ping()
     return dit
 
@@ -107,7 +98,8 @@ def _stage_main(spec: StageSpec, rank: int, world: int, init_method: str, thread
         dist.destroy_process_group()
 
 
-def _start_processes(spec: WorkerSpec, ranges: list[range], start_timeout_s: float) -> PipelineDiT:
+def _start_processes(spec: WorkerSpec, ranges: list[range], auto_rebalance: bool,
+                     start_timeout_s: float) -> PipelineDiT:
     stages = len(ranges)
     world = stages + 1
     ctx = tmp.get_context("spawn")
@@ -133,8 +125,8 @@ def _start_processes(spec: WorkerSpec, ranges: list[range], start_timeout_s: flo
     except BaseException:
         _stop_processes(procs)
         raise
-    dit = PipelineDiT(transport, spec.config, driver_pool(spec), ranges,
-                      on_close=_closer(procs, transport))
+    dit = PipelineDiT(transport, spec.config, build_pool(spec, range(0)), ranges,
+                      on_close=_closer(procs, transport), auto_rebalance=auto_rebalance)
     dit.stage_pids = [p.pid for p in procs]
     try:
         dit.ping()

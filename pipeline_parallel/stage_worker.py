@@ -29,12 +29,9 @@ import torch
 from torch import Tensor
 
 from rollcast.pipeline_parallel.transport import Transport
-from rollcast.workers.causal_wan import CausalWanModel, WanBlock
-from rollcast.workers.checkpoint import load_checkpoint, synthetic_model
-from rollcast.workers.kv_cache import KVCachePool
-from rollcast.workers.model_files import ModelFiles
+from rollcast.workers.causal_wan import WanBlock
 from rollcast.workers.prompt_kv import PromptBatch, PromptKV
-from rollcast.workers.stream_generator import WorkerSpec
+from rollcast.workers.stream_generator import WorkerSpec, build_model, build_pool
 
 RING_TAG = 0
 MOVE_TAG = 1
@@ -78,35 +75,17 @@ class StageSpec:
         return self.index == len(self.ranges) - 1
 
 
-def build_stage_model(worker: WorkerSpec, layers: range) -> CausalWanModel:
-    if worker.checkpoint is None:
-        model = synthetic_model(worker.config, seed=worker.seed, dtype=worker.dtype, device=worker.device,
-                                layers=layers)
-    else:
-        with torch.device("meta"):
-            model = CausalWanModel(worker.config, layers=layers)
-        dit = ModelFiles.resolve(worker.checkpoint).dit
-        model = load_checkpoint(model, dit, lora=worker.lora, dtype=worker.dtype, device=worker.device)
-    return model.eval().requires_grad_(False)
-
-
 class StageWorker:
     def __init__(self, spec: StageSpec) -> None:
         w = spec.worker
-        cfg = w.config
         self.spec = spec
         self.ranges = list(spec.ranges)
         self.index = spec.index
-        self.model = build_stage_model(w, self.ranges[self.index])
-        lh, lw = cfg.latent_hw(*w.resolution)
-        self.pool = KVCachePool(
-            layers=self.model.layers, rows=w.max_sessions, policy=w.policy,
-            tokens_per_frame=cfg.tokens_per_frame(lh, lw), num_heads=cfg.num_heads,
-            head_dim=cfg.head_dim, dtype=w.dtype, device=w.device,
-        )
+        self.model = build_model(w, self.ranges[self.index])
+        self.pool = build_pool(w, self.model.layers)
         self.device = torch.device(w.device)
         self.prompts: dict[int, tuple[Tensor, PromptKV]] = {}  # id -> (embedding, K/V of our layers)
-        self._timer = StageTimer(self.device)
+        self._clock = StageClock(self.device)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -145,8 +124,10 @@ class StageWorker:
         elif kind == "release_row":
             self.pool.release(int(msg["row"]))
         elif kind == "prompt":
-            emb = msg["embedding"].clone()
-            self.prompts[int(msg["id"])] = (emb, self.model.prompt_kv(emb.to(self.device)))
+            emb = msg["embedding"].clone()  # kept (rebalances recompute K/V from it) and passed on
+            pid = msg["id"].clone()
+            self.prompts[int(pid)] = (emb, self.model.prompt_kv(emb.to(self.device)))
+            return kind, {"id": pid, "embedding": emb}
         elif kind == "drop_prompt":
             for i in msg["ids"].tolist():
                 self.prompts.pop(i, None)
@@ -162,7 +143,7 @@ class StageWorker:
 
     @torch.no_grad()
     def forward(self, msg: Mapping[str, Tensor]) -> tuple[str, dict[str, Tensor]]:
-        self._timer.start()
+        self._clock.start()
         model, dev = self.model, self.device
         meta = {k: msg[k].clone() for k in ("rows", "frames", "rope", "new_block", "prompt_ids", "grid")}
         grid = tuple(meta["grid"].tolist())
@@ -180,9 +161,9 @@ class StageWorker:
         stage_s = msg["stage_s"].clone()
         if self.spec.last:
             v = model.unpatchify(model.head(h, e), grid)  # type: ignore[arg-type]
-            stage_s[self.index] = self._timer.stop()
+            stage_s[self.index] = self._clock.stop()
             return "forward", {"v": v, "stage_s": stage_s}
-        stage_s[self.index] = self._timer.stop()
+        stage_s[self.index] = self._clock.stop()
         return "forward", {**meta, "h": h, "e": e, "e0": e0, "stage_s": stage_s}
 
     # -- rebalance ------------------------------------------------------------------------------
@@ -219,7 +200,7 @@ class StageWorker:
             self.prompts[pid] = (emb, self.model.prompt_kv(emb.to(self.device)))
 
 
-class StageTimer:
+class StageClock:
     """Compute seconds of one forward on this stage. On CUDA it records events and reports the
     latest finished pair (possibly the previous forward's), so timing never syncs the host."""
 

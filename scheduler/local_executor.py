@@ -218,22 +218,19 @@ class LocalExecutor:
         """Micro-batches in flight at once: the runner's pipeline stages (1 for a local model).
         While the pipeline wants new layer ranges it drains: no more than are in flight now, and
         the submit that finds the ring empty moves the layers first."""
-        if self._rebalance_plan() is not None:
+        if self.pipeline.runner.dit.rebalance_plan() is not None:
             return len(self._inflight) or 1
         return self.pipeline.runner.depth
-
-    def _rebalance_plan(self) -> list[range] | None:
-        planner = getattr(self.pipeline.runner.dit, "rebalance_plan", None)
-        return planner() if planner is not None else None
 
     def submit(self, batch: MicroBatch) -> None:
         """Client changes, checks and block starts for the batch's sessions, then launch its
         forward (a local model runs it in `collect`; a pipeline starts it on stage 0 now)."""
         if len(self._inflight) >= self.depth:
             raise RuntimeError(f"{self.depth} micro-batches in flight: collect one first")
-        ranges = self._rebalance_plan()
+        dit = self.pipeline.runner.dit
+        ranges = dit.rebalance_plan()
         if ranges is not None and not self._inflight:
-            self.pipeline.runner.dit.rebalance(ranges)  # type: ignore[attr-defined]
+            dit.rebalance(ranges)
         failed: dict[str, str] = {}
         with self._lock:
             streams = {i.session_id: self.streams.get(i.session_id) for i in batch.items}

@@ -125,7 +125,7 @@ class Runtime:
         gpu = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         return {"sessions": counts, "predicted_load": snap["predicted_load"],
                 "mean_batch": snap["mean_batch"],
-                "kv_cache_bytes": getattr(self.pipeline.runner.dit, "kv_bytes", pool.nbytes),
+                "kv_cache_bytes": self.pipeline.runner.dit.kv_bytes,
                 "kv_cache_rows_used": pool.rows - pool.free_rows,
                 "kv_cache_rows": pool.rows, "gpu_memory_bytes": gpu}
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rollcast.loadgen.engine_bench import stage_layers
 from rollcast.loadgen.flop_count import count_flops, device_peak, spec_peak
+from rollcast.pipeline_parallel.partition import even_ranges
 from rollcast.server.cli import main
 
 TINY = ["bench", "--config", "tiny", "--resolution", "64x64", "--device", "cpu"]
@@ -89,7 +89,7 @@ def test_stages_cover_the_layers_and_add_up_to_the_forward(t2v):
 @pytest.mark.parametrize(("layers", "stages", "sizes"), [(4, 3, [2, 1, 1]), (30, 4, [8, 8, 7, 7]),
                                                          (40, 1, [40]), (4, 4, [1, 1, 1, 1])])
 def test_stage_layers_split_evenly_and_contiguously(layers, stages, sizes):
-    ranges = stage_layers(layers, stages)
+    ranges = even_ranges(layers, stages)
     assert [len(r) for r in ranges] == sizes
     assert [i for r in ranges for i in r] == list(range(layers))
 

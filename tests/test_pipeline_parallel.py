@@ -185,8 +185,7 @@ def test_simulated_pipeline_runs_stages_concurrently() -> None:
     sessions' own step-to-step dependency keep it from a quarter)."""
     def finish_time(stages: int) -> float:
         clock = FakeClock()
-        cost = CostModel.preset(next(iter(sorted(__import__(
-            "rollcast.scheduler.cost_model", fromlist=["COST_PRESETS"]).COST_PRESETS))))
+        cost = CostModel.preset("h100-wan-1.3b-480p")
         ex = SimulatedExecutor(clock, cost, jitter=0.0, stages=stages)
         geo = BlockGeometry(ForwardShape(3, 1560, 21, (832, 480)), context_pass=False)
         engine = Engine(ex, cost, make_policy("slo-noadmit"), clock=clock, geometry=lambda _: geo,

@@ -83,9 +83,7 @@ class BlockRunner:
 
     def shutdown(self) -> None:
         """Stop the stages when the layers run elsewhere (nothing to do for a local model)."""
-        close = getattr(self.dit, "close", None)
-        if close is not None:
-            close()
+        self.dit.close()
 
     @property
     def depth(self) -> int:

@@ -13,7 +13,8 @@ stage boundaries besides the activations: each stage turns it into a `KVBatch` o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,6 +49,7 @@ class DiTForward(Protocol):
     # (no memory): the stages hold the K/V, each for its own layers.
     pool: KVCachePool
     depth: int  # forwards that may be in flight at once (launched and not yet waited for)
+    kv_bytes: int  # K/V memory of every layer, wherever it lives
 
     def prompt_kv(self, embedding: Tensor) -> PromptHandle:
         """What the runner hands back to `launch` for a prompt (text embedding [L, text_dim])."""
@@ -62,15 +64,25 @@ class DiTForward(Protocol):
     def launch(self, x: Tensor, t: Tensor, prompts: Sequence[PromptHandle],
                write: KVWrite) -> ForwardHandle: ...
 
+    def rebalance_plan(self) -> list[range] | None:
+        """Layer ranges the stages should move to once nothing is in flight (None: stay)."""
+        ...
 
+    def rebalance(self, ranges: list[range]) -> None: ...
+
+    def close(self) -> None:
+        """Stop whatever runs the layers elsewhere."""
+        ...
+
+
+@dataclass(frozen=True)
 class _Deferred:
-    def __init__(self, dit: LocalDiT, x: Tensor, t: Tensor, prompts: Sequence[PromptHandle],
-                 write: KVWrite) -> None:
-        self.args = (dit, x, t, prompts, write)
+    """A local forward, computed when its result is asked for."""
+
+    compute: Callable[[], Tensor]
 
     def wait(self) -> Tensor:
-        dit, x, t, prompts, write = self.args
-        return dit.forward(x, t, prompts, write)
+        return self.compute()
 
 
 class LocalDiT:
@@ -88,14 +100,27 @@ class LocalDiT:
     def prompt_kv(self, embedding: Tensor) -> PromptKV:
         return self.model.prompt_kv(embedding.to(self.pool.device))
 
+    @property
+    def kv_bytes(self) -> int:
+        return self.pool.nbytes
+
     def opened(self, row: int) -> None:
         pass  # the pool is this process's: allocating the row was all
 
     def released(self, row: int) -> None:
         pass
 
+    def rebalance_plan(self) -> None:
+        return None  # one stage: nothing to balance
+
+    def rebalance(self, ranges: list[range]) -> None:
+        raise ValueError("a model in one process has no stages to rebalance")
+
+    def close(self) -> None:
+        pass
+
     def launch(self, x: Tensor, t: Tensor, prompts: Sequence[PromptHandle], write: KVWrite) -> _Deferred:
-        return _Deferred(self, x, t, prompts, write)
+        return _Deferred(functools.partial(self.forward, x, t, prompts, write))
 
     def forward(self, x: Tensor, t: Tensor, prompts: Sequence[PromptHandle], write: KVWrite) -> Tensor:
         kv = self.pool.batch(rows=write.rows, frames=write.frames, rope_positions=write.rope_positions,

@@ -11,6 +11,7 @@ from rollcast.workers.block_runner import BlockRunner
 from rollcast.workers.cache_policy import CachePolicy
 from rollcast.workers.causal_wan import CausalWanModel
 from rollcast.workers.checkpoint import load_checkpoint, synthetic_model
+from rollcast.workers.dit_forward import DiTForward, LocalDiT
 from rollcast.workers.kv_cache import KVCachePool
 from rollcast.workers.model_config import ModelConfig
 from rollcast.workers.model_files import ModelFiles
@@ -57,22 +58,38 @@ class WorkerSpec:
     seed: int = 0
 
 
-def build_runner(spec: WorkerSpec) -> BlockRunner:
-    cfg = spec.config
-    lh, lw = cfg.latent_hw(*spec.resolution)
+def build_model(spec: WorkerSpec, layers: range | None = None) -> CausalWanModel:
+    """The DiT, or the pipeline stage of it holding `layers`: random weights without a
+    checkpoint (seeded per layer, so stages agree with the whole model), else loaded."""
     if spec.checkpoint is None:
-        model = synthetic_model(cfg, seed=spec.seed, dtype=spec.dtype, device=spec.device)
+        model = synthetic_model(spec.config, seed=spec.seed, dtype=spec.dtype, device=spec.device,
+                                layers=layers)
     else:
         with torch.device("meta"):
-            model = CausalWanModel(cfg)
+            model = CausalWanModel(spec.config, layers=layers)
         dit = ModelFiles.resolve(spec.checkpoint).dit  # a file, or the DiT inside a model directory
-        model = load_checkpoint(model, dit, lora=spec.lora, dtype=spec.dtype,
-                                device=spec.device)
-    model = model.eval().requires_grad_(False)
-    pool = KVCachePool(
-        layers=model.layers, rows=spec.max_sessions, policy=spec.policy,
+        model = load_checkpoint(model, dit, lora=spec.lora, dtype=spec.dtype, device=spec.device)
+    return model.eval().requires_grad_(False)
+
+
+def build_pool(spec: WorkerSpec, layers: range) -> KVCachePool:
+    """KV cache rows for `spec.max_sessions` sessions over `layers` (none: row bookkeeping only)."""
+    cfg = spec.config
+    lh, lw = cfg.latent_hw(*spec.resolution)
+    return KVCachePool(
+        layers=layers, rows=spec.max_sessions, policy=spec.policy,
         tokens_per_frame=cfg.tokens_per_frame(lh, lw), num_heads=cfg.num_heads,
         head_dim=cfg.head_dim, dtype=spec.dtype, device=spec.device,
     )
-    return BlockRunner.local(model, pool, FlowMatchSampler(spec.sampler), latent_hw=(lh, lw),
+
+
+def runner_over(spec: WorkerSpec, dit: DiTForward) -> BlockRunner:
+    """The block runner of a worker whose layers run wherever `dit` runs them."""
+    return BlockRunner(dit, FlowMatchSampler(spec.sampler), latent_hw=spec.config.latent_hw(*spec.resolution),
                        frames_per_block=spec.frames_per_block)
+
+
+def build_runner(spec: WorkerSpec) -> BlockRunner:
+    """All layers in this process."""
+    model = build_model(spec)
+    return runner_over(spec, LocalDiT(model, build_pool(spec, model.layers)))
