@@ -8,6 +8,7 @@ from rollcast.pipeline_parallel.partition import check_split, even_ranges
 from rollcast.pipeline_parallel.stage_group import EXECUTORS, StageExecutor, start_pipeline
 from rollcast.workers.block_runner import BlockRunner
 from rollcast.workers.stream_generator import WorkerSpec, build_runner, runner_over
+from rollcast.workers.vae import VaeSpec
 
 
 @dataclass(frozen=True)
@@ -16,12 +17,16 @@ class ParallelConfig:
     executor: StageExecutor = "local"  # stages as threads of this process, or "mp": one process each
     layer_ranges: tuple[range, ...] | None = None  # None: StreamDiffusionV2's even split
     rebalance: bool = True  # move layers online when measured stage times say so
+    # Finished blocks are decoded where x0 comes out: on the last stage, or on a stage of its own.
+    decode_stage: bool = False
 
     def __post_init__(self) -> None:
         if self.stages < 1:
             raise ValueError(f"stages must be at least 1, got {self.stages}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"unknown executor {self.executor!r}; choose one of {list(EXECUTORS)}")
+        if self.decode_stage and self.stages < 2 and self.executor != "mp":
+            raise ValueError("a decode stage needs a staged pipeline (--stages 2 or more, or --executor mp)")
         if self.layer_ranges is not None and len(self.layer_ranges) != self.stages:
             raise ValueError(f"{len(self.layer_ranges)} layer ranges for {self.stages} stages")
 
@@ -38,12 +43,13 @@ class ParallelConfig:
         check_split(ranges, num_layers)
         return ranges
 
-    def build_runner(self, spec: WorkerSpec) -> BlockRunner:
-        """The block runner of a worker: all layers in this process, or a driver over stages."""
+    def build_runner(self, spec: WorkerSpec, vae: VaeSpec | None = None) -> BlockRunner:
+        """The block runner of a worker: all layers in this process, or a driver over stages
+        (which decode finished blocks with `vae` when it is given)."""
         if not self.staged:
             return build_runner(spec)
-        dit = start_pipeline(spec, self.ranges(spec.config.num_layers), self.executor,
-                             auto_rebalance=self.rebalance)
+        dit = start_pipeline(spec, self.ranges(spec.config.num_layers), self.executor, vae=vae,
+                             decode_stage=self.decode_stage, auto_rebalance=self.rebalance)
         return runner_over(spec, dit)
 
 

@@ -2,11 +2,12 @@
 
 The driver (rank 0, in the engine's process) keeps everything per session that is not a layer's:
 latents, noise generators, sampler steps, cache positions, VAE states (`BlockRunner`,
-`VideoPipeline`). A forward is one ring message: the driver sends the latents, timesteps and the
-forward's `KVWrite` to stage 0, the activations travel stage to stage, and the last stage's flow
-prediction comes back to the driver, where the sampler step runs and the next denoising step
-re-enters stage 0. Up to `depth` (= the number of stages) forwards are in flight, so every stage
-works on a different micro-batch; replies come back in launch order.
+`VideoPipeline`). A forward is one ring message: the driver sends the latents, timesteps, σ and the
+forward's `KVWrite` to stage 0, the activations travel stage to stage, and the last stage's x0
+(and the frames of finished blocks, decoded there or on a decode stage) comes back to the driver,
+which re-noises it and sends the next denoising step into stage 0. Up to `depth` (= the ranks
+after the driver) forwards are in flight, so every stage works on a different micro-batch;
+replies come back in launch order.
 
 Rows and prompts: the driver allocates cache rows from a pool without layers (bookkeeping only)
 and tells the stages; a prompt becomes a `PromptRef` whose embedding goes to every stage once,
@@ -24,11 +25,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from rollcast.pipeline_parallel.decode_stage import split_frames
 from rollcast.pipeline_parallel.partition import check_split
+from rollcast.pipeline_parallel.ring_messages import RING_TAG, decode_text, ranges_tensor
 from rollcast.pipeline_parallel.stage_balance import StageBalance
-from rollcast.pipeline_parallel.stage_worker import RING_TAG, decode_text, ranges_tensor
 from rollcast.pipeline_parallel.transport import PeerFailedError, Transport
-from rollcast.workers.dit_forward import KVWrite
+from rollcast.workers.dit_forward import ForwardOutput, KVWrite
 from rollcast.workers.kv_cache import KVCachePool
 from rollcast.workers.model_config import ModelConfig
 from rollcast.workers.prompt_kv import PromptHandle, PromptRef
@@ -47,33 +49,36 @@ class StagedForward:
 
     def __init__(self, dit: PipelineDiT) -> None:
         self.dit = dit
-        self.v: Tensor | None = None
+        self.output: ForwardOutput | None = None
         self.error: Exception | None = None
         self.stage_s: list[float] = []
+        self.decode_s = 0.0
 
     @property
     def done(self) -> bool:
-        return self.v is not None or self.error is not None
+        return self.output is not None or self.error is not None
 
-    def wait(self) -> Tensor:
+    def wait(self) -> ForwardOutput:
         while not self.done:
             self.dit.receive_one()
         if self.error is not None:
             raise self.error
-        return self.v  # type: ignore[return-value]
+        return self.output  # type: ignore[return-value]
 
 
 class PipelineDiT:
     def __init__(self, transport: Transport, config: ModelConfig, pool: KVCachePool, ranges: list[range],
-                 *, reply_timeout_s: float | None = None, on_close: Callable[[], None] | None = None,
-                 auto_rebalance: bool = True) -> None:
+                 *, decodes: bool = False, decode_stage: bool = False, reply_timeout_s: float | None = None,
+                 on_close: Callable[[], None] | None = None, auto_rebalance: bool = True) -> None:
         if len(pool.layers):
             raise ValueError("the driver's pool is bookkeeping only: it must hold no layers")
         self.transport = transport
         self.config = config
         self.pool = pool
         self.ranges = list(ranges)
-        self.depth = len(ranges)
+        self.stages = len(ranges)
+        self.decodes = decodes  # the last stage or the decode stage decodes finished blocks
+        self.depth = self.stages + decode_stage  # ranks after the driver: forwards in flight
         self.reply_timeout_s = reply_timeout_s
         self._on_close = on_close
         self._expected: deque[tuple[str, StagedForward | None]] = deque()
@@ -82,6 +87,8 @@ class PipelineDiT:
         self._failure: PipelineFailedError | None = None
         self._lock = threading.Lock()  # sends may come from client threads (open/close rows)
         self.closed = False
+        # The last stage's decode time is its fixed cost, not its layers' (a decode stage's is neither).
+        self._decode_on_last = decodes and not decode_stage
         self.balance = StageBalance(list(ranges)) if auto_rebalance else None
         # What the stages hold for K/V, all layers together (the driver's pool holds none).
         self.kv_bytes = 2 * pool.k.shape[1:].numel() * pool.k.element_size() * config.num_layers
@@ -108,7 +115,8 @@ class PipelineDiT:
     def released(self, row: int) -> None:
         self._send("release_row", {"row": torch.tensor(row)})
 
-    def launch(self, x: Tensor, t: Tensor, prompts: Sequence[PromptHandle], write: KVWrite) -> StagedForward:
+    def launch(self, x: Tensor, t: Tensor, prompts: Sequence[PromptHandle], write: KVWrite,
+               sigma: Tensor, decode_rows: Sequence[int]) -> StagedForward:
         if self.in_flight >= self.depth:
             raise RuntimeError(f"{self.depth} forwards in flight already: wait for one first")
         ids = [p.prompt_id for p in prompts if isinstance(p, PromptRef)]
@@ -116,14 +124,15 @@ class PipelineDiT:
             raise TypeError("a staged forward takes prompts made by this pipeline (PromptRef)")
         f = len(write.frames[0])
         msg = {
-            "x": x, "t": t,
+            "x": x, "t": t, "sigma": sigma,
+            "decode": torch.tensor(list(decode_rows), dtype=torch.long),
             "rows": torch.tensor(write.rows, dtype=torch.long),
             "frames": torch.tensor(write.frames, dtype=torch.long),
             "rope": torch.tensor(write.rope_positions, dtype=torch.long),
             "new_block": torch.tensor(write.new_block, dtype=torch.bool),
             "prompt_ids": torch.tensor(ids, dtype=torch.long),
             "grid": torch.tensor([f, *write.grid_hw], dtype=torch.long),
-            "stage_s": torch.zeros(self.depth, dtype=torch.float64),
+            "stage_s": torch.zeros(self.stages, dtype=torch.float64),
         }
         handle = StagedForward(self)
         self._send("forward", msg, expect=handle)
@@ -135,8 +144,8 @@ class PipelineDiT:
         """Move to new layer ranges; only between forwards (the caller drains the pipeline)."""
         if self.in_flight:
             raise RuntimeError(f"rebalance with {self.in_flight} forwards in flight: drain first")
-        if len(ranges) != self.depth:
-            raise ValueError(f"a plan of {len(ranges)} stages for a pipeline of {self.depth}")
+        if len(ranges) != self.stages:
+            raise ValueError(f"a plan of {len(ranges)} stages for a pipeline of {self.stages}")
         check_split(ranges, self.config.num_layers)
         self._send("rebalance", {"ranges": ranges_tensor(ranges)}, expect=None, reply="rebalanced")
         self._drain_control()
@@ -214,16 +223,19 @@ class PipelineDiT:
         if kind != want:
             raise self._fail(PeerFailedError(f"pipeline out of step: expected {want!r}, got {kind!r}"))
         if handle is not None:
-            handle.v = msg["v"].clone()  # the receive buffer is reused by the next reply
+            # The receive buffers are reused by the next reply: keep copies.
+            handle.output = ForwardOutput(msg["x0"].clone(), split_frames(msg))
             handle.stage_s = msg["stage_s"].tolist()
+            handle.decode_s = float(msg["decode_s"]) if "decode_s" in msg else 0.0
             self.stage_log.append(handle.stage_s)
-            self._note_stage_times(handle.stage_s)
+            self._note_stage_times(handle.stage_s, handle.decode_s)
 
-    def _note_stage_times(self, stage_s: list[float]) -> None:
+    def _note_stage_times(self, stage_s: list[float], decode_s: float) -> None:
         balance = self.balance
         if balance is None:
             return
-        balance.observe(stage_s)
+        fixed = [0.0] * (self.stages - 1) + [decode_s if self._decode_on_last else 0.0]
+        balance.observe([s + f for s, f in zip(stage_s, fixed, strict=True)], fixed)
         # The exact partition is cheap, but not free: look again every few forwards only.
         if self._proposed is None and balance.samples % balance.min_samples == 0:
             self._proposed = balance.proposal()
@@ -236,7 +248,11 @@ class PipelineDiT:
         """A stage is gone: fail every forward in flight, refuse everything after."""
         if self._failure is None:
             rank = getattr(error, "rank", None)
-            who = f"stage {rank - 1} (rank {rank})" if isinstance(rank, int) and rank > 0 else "a stage"
+            who = "a stage"
+            if isinstance(rank, int) and 0 < rank <= self.stages:
+                who = f"stage {rank - 1} (rank {rank})"
+            elif rank == self.stages + 1:
+                who = f"the decode stage (rank {rank})"
             self._failure = PipelineFailedError(f"pipeline failed: {who} is gone: {error}")
             for _, handle in self._expected:
                 if handle is not None:

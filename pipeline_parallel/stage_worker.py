@@ -1,13 +1,16 @@
 """One pipeline stage: a contiguous range of the DiT's layers and the KV caches of those layers.
 
 A stage serves a loop of messages from the rank before it in the ring and passes each on to the
-rank after it (the driver is rank 0, stage i is rank i + 1, the last stage sends back to rank 0):
+rank after it (the driver is rank 0, stage i is rank i + 1; the last stage sends back to rank 0,
+or to the decode stage when there is one: `decode_stage.py`):
 
 - `forward`: the first stage embeds the latents (patch + time embedding); every stage runs its
   layers against its own KV cache rows, using the forward's `KVWrite` (rows, frames, RoPE
-  positions) sent along as host tensors; the last stage runs the head and returns the flow
-  prediction v. Each stage adds its compute seconds to `stage_s`.
-- `open_row` / `release_row`: a session took or gave back a cache row (the driver chose it).
+  positions) sent along as host tensors; the last stage runs the head, takes the sampler's step
+  to x0 = x - σ·v (the latents x travel along; they are small) and decodes the samples that
+  finish a block, unless a decode stage does. Each stage adds its compute seconds to `stage_s`.
+- `open_row` / `release_row`: a session took or gave back a cache row (the driver chose it); the
+  decoding rank starts or drops that row's VAE decode stream.
 - `prompt` / `drop_prompt`: a prompt's text embedding, from which each stage computes the
   cross-attention K/V of its own layers, keyed by the driver's prompt id; and their end.
 - `rebalance`: new layer ranges; after passing the message on, the stage sends the weights and
@@ -28,30 +31,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rollcast.pipeline_parallel.decode_stage import decode_outputs
+from rollcast.pipeline_parallel.ring_messages import (
+    ANSWERED,
+    MOVE_TAG,
+    RING_TAG,
+    encode_text,
+    ranges_of,
+)
 from rollcast.pipeline_parallel.transport import Transport
 from rollcast.workers.causal_wan import WanBlock
+from rollcast.workers.frame_decoder import FrameDecoder
 from rollcast.workers.prompt_kv import PromptBatch, PromptKV
+from rollcast.workers.sampler import FlowMatchSampler
 from rollcast.workers.stream_generator import WorkerSpec, build_model, build_pool
-
-RING_TAG = 0
-MOVE_TAG = 1
-ANSWERED = ("forward", "error", "rebalanced", "pong", "stopped")  # what reaches the driver
-
-
-def encode_text(text: str) -> Tensor:
-    return torch.tensor(list(text.encode()), dtype=torch.uint8)
-
-
-def decode_text(t: Tensor) -> str:
-    return bytes(t.tolist()).decode(errors="replace")
-
-
-def ranges_tensor(ranges: list[range]) -> Tensor:
-    return torch.tensor([[r.start, r.stop] for r in ranges], dtype=torch.long)
-
-
-def ranges_of(t: Tensor) -> list[range]:
-    return [range(a, b) for a, b in t.tolist()]
+from rollcast.workers.vae import VaeSpec
 
 
 def owner(ranges: list[range], layer: int) -> int:
@@ -65,6 +59,8 @@ class StageSpec:
     worker: WorkerSpec
     ranges: tuple[range, ...]
     index: int
+    vae: VaeSpec | None = None  # decode finished blocks in the pipeline (else the driver does)
+    vae_stage: bool = False  # ... on a dedicated decode stage after the last DiT stage
 
     @property
     def first(self) -> bool:
@@ -73,6 +69,16 @@ class StageSpec:
     @property
     def last(self) -> bool:
         return self.index == len(self.ranges) - 1
+
+    @property
+    def decodes(self) -> bool:
+        """This stage decodes what comes out of the head."""
+        return self.last and self.vae is not None and not self.vae_stage
+
+    @property
+    def ends_ring(self) -> bool:
+        """This stage sends its replies to the driver (no decode stage after it)."""
+        return self.last and not self.vae_stage
 
 
 class StageWorker:
@@ -86,15 +92,15 @@ class StageWorker:
         self.device = torch.device(w.device)
         self.prompts: dict[int, tuple[Tensor, PromptKV]] = {}  # id -> (embedding, K/V of our layers)
         self._clock = StageClock(self.device)
+        self.decoder = FrameDecoder(spec.vae.build(w.device)) if spec.decodes else None  # type: ignore[union-attr]
 
     # -- the loop -------------------------------------------------------------------------------
 
     def serve(self, transport: Transport) -> None:
         """Handle messages until `stop` (exceptions from the transport end the loop: the driver
         sees this rank fail)."""
-        stages = len(self.ranges)
         prev = 0 if self.index == 0 else self.index
-        nxt = 0 if self.index == stages - 1 else self.index + 2
+        nxt = 0 if self.spec.ends_ring else self.index + 2
         while True:
             kind, msg = transport.recv(prev, tag=RING_TAG)
             if kind == "rebalance":
@@ -102,12 +108,12 @@ class StageWorker:
                     transport.send(nxt, kind, {"ranges": msg["ranges"].clone()}, tag=RING_TAG)
                 self.rebalance(ranges_of(msg["ranges"]), transport)
                 if self.spec.last:
-                    transport.send(0, "rebalanced", {"ranges": msg["ranges"].clone()}, tag=RING_TAG)
+                    transport.send(nxt, "rebalanced", {"ranges": msg["ranges"].clone()}, tag=RING_TAG)
                 continue
             # Received tensors live in buffers the next receive may overwrite while an asynchronous
             # send of them is still under way: whatever is passed on is a copy.
             out_kind, out = self.handle(kind, msg)
-            if out_kind is not None and (not self.spec.last or out_kind in ANSWERED):
+            if out_kind is not None and (not self.spec.ends_ring or out_kind in ANSWERED):
                 transport.send(nxt, out_kind, out, tag=RING_TAG)
             if kind == "stop":
                 return
@@ -121,8 +127,12 @@ class StageWorker:
                 return "error", {"text": encode_text(f"stage {self.index}: {type(e).__name__}: {e}")}
         if kind == "open_row":
             self.pool.allocate(int(msg["row"]))
+            if self.decoder is not None:
+                self.decoder.open(int(msg["row"]))
         elif kind == "release_row":
             self.pool.release(int(msg["row"]))
+            if self.decoder is not None:
+                self.decoder.release(int(msg["row"]))
         elif kind == "prompt":
             emb = msg["embedding"].clone()  # kept (rebalances recompute K/V from it) and passed on
             pid = msg["id"].clone()
@@ -145,7 +155,8 @@ class StageWorker:
     def forward(self, msg: Mapping[str, Tensor]) -> tuple[str, dict[str, Tensor]]:
         self._clock.start()
         model, dev = self.model, self.device
-        meta = {k: msg[k].clone() for k in ("rows", "frames", "rope", "new_block", "prompt_ids", "grid")}
+        meta = {k: msg[k].clone() for k in ("rows", "frames", "rope", "new_block", "prompt_ids", "grid",
+                                            "x", "sigma", "decode")}
         grid = tuple(meta["grid"].tolist())
         kv = self.pool.batch(
             rows=meta["rows"].tolist(), frames=meta["frames"].tolist(),
@@ -154,15 +165,20 @@ class StageWorker:
         )
         prompts = PromptBatch.stack([self.prompts[i][1] for i in meta["prompt_ids"].tolist()])
         if self.spec.first:
-            h, e, e0, _ = model.embed(msg["x"].to(dev), msg["t"].to(dev))
+            h, e, e0, _ = model.embed(meta["x"].to(dev), msg["t"].to(dev))
         else:
             h, e, e0 = msg["h"].to(dev), msg["e"].to(dev).clone(), msg["e0"].to(dev).clone()
         h = model.run_layers(h, e0, prompts, kv.attend)
         stage_s = msg["stage_s"].clone()
-        if self.spec.last:
+        if self.spec.last:  # the head, then the sampler's x0 (and the decode, if it is ours)
             v = model.unpatchify(model.head(h, e), grid)  # type: ignore[arg-type]
+            x = meta["x"].to(dev)
+            x0 = FlowMatchSampler.to_x0(x, v.to(x.dtype), meta["sigma"].to(dev).view(-1, 1, 1, 1, 1))
             stage_s[self.index] = self._clock.stop()
-            return "forward", {"v": v, "stage_s": stage_s}
+            if self.decoder is not None:
+                return "forward", {"x0": x0, "stage_s": stage_s,
+                                   **decode_outputs(self.decoder, x0, meta["decode"].tolist())}
+            return "forward", {"x0": x0, "stage_s": stage_s, "decode": meta["decode"]}
         stage_s[self.index] = self._clock.stop()
         return "forward", {**meta, "h": h, "e": e, "e0": e0, "stage_s": stage_s}
 

@@ -155,6 +155,8 @@ class LocalExecutor:
                                      num_steps=req.steps, v2v=True)
                     st.timesteps = [timesteps[i]]
                     states.append(st)
+                for st in states[:-1]:  # only the last lane's blocks are decoded
+                    st.decode_output = False
         except BaseException as e:
             for st in states[1:]:
                 runner.close(st)
@@ -381,7 +383,7 @@ class LocalExecutor:
             runner.add_input(lanes[nxt], BlockInput(x0, runner.sampler.sigma(t), t))
             stream.handed[nxt].append(lanes[item.lane].prompt)
         else:
-            frames[item.session_id] = stream.video.decode(x0)
+            frames[item.session_id] = stream.video.decode(x0, lanes[item.lane])
 
     # -- start-up profile -------------------------------------------------------------------------------
 

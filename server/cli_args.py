@@ -106,10 +106,13 @@ def add_parallel_args(p: argparse.ArgumentParser, *, stages: bool = True) -> Non
                         "scheduler rebalances online)")
     p.add_argument("--no-rebalance", action="store_true",
                    help="keep the layer ranges fixed (no online rebalancing from measured stage times)")
+    p.add_argument("--vae-stage", action="store_true",
+                   help="decode finished blocks on a stage of their own after the last DiT stage "
+                        "(its own process/GPU) instead of on the last stage")
 
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig:
     ranges = parse_ranges(args.layer_ranges) if args.layer_ranges else None
     stages = args.stages if ranges is None or args.stages != 1 else len(ranges)
     return ParallelConfig(stages=stages, executor=args.executor, layer_ranges=ranges,
-                          rebalance=not args.no_rebalance)
+                          rebalance=not args.no_rebalance, decode_stage=args.vae_stage)

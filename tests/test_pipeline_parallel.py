@@ -93,16 +93,35 @@ def run_engine(pipeline: VideoPipeline, sessions: int, v2v: bool,
     return {sid: np.concatenate(c) for sid, c in chunks.items()}, engine
 
 
-@pytest.mark.parametrize(("executor", "stages", "v2v"),
-                         [("mp", 2, False), ("mp", 3, True), ("local", 3, False)])
-def test_engine_sessions_through_stages_match_one_process(executor: str, stages: int, v2v: bool) -> None:
-    pipeline = VideoPipeline.build(spec(v2v), ParallelConfig(stages, executor, rebalance=False).build_runner)
+def count_driver_decodes(pipeline: VideoPipeline) -> list[int]:
+    """Counts the VAE decodes the driver's own VAE runs (the stages build their own)."""
+    calls = [0]
+    decode_chunk = pipeline.vae.decode_chunk
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls[0] += 1
+        return decode_chunk(*args, **kwargs)
+
+    pipeline.vae.decode_chunk = counted  # type: ignore[method-assign]
+    return calls
+
+
+@pytest.mark.parametrize(("executor", "stages", "v2v", "decode_stage"),
+                         [("mp", 2, False, False), ("mp", 3, True, False), ("local", 3, False, False),
+                          ("mp", 2, True, True), ("local", 2, False, True)])
+def test_engine_sessions_through_stages_match_one_process(executor: str, stages: int, v2v: bool,
+                                                          decode_stage: bool) -> None:
+    parallel = ParallelConfig(stages, executor, rebalance=False, decode_stage=decode_stage)
+    pipeline = VideoPipeline.build(spec(v2v), parallel.build_runner)
+    driver_decodes = count_driver_decodes(pipeline)
     try:
         got, engine = run_engine(pipeline, 3, v2v)
     finally:
         pipeline.shutdown()
-    # max_batch=1: three sessions are three micro-batches, in flight together in the ring.
-    assert engine.max_in_flight == stages
+    # max_batch=1: three sessions are three micro-batches, in flight together in the ring (which
+    # a decode stage makes one rank longer).
+    assert engine.max_in_flight == min(3, stages + decode_stage)
+    assert driver_decodes[0] == 0  # every block was decoded where it came out of the pipeline
     for i in range(3):
         want = reference(v2v, i, f"p{i % 2}")
         assert got[f"s{i}"].shape == want.shape == (FRAMES, 64, 64, 3)
@@ -160,12 +179,24 @@ def test_generate_cli_frames_equal_for_1_2_3_stages(tmp_path: Path) -> None:
     assert np.abs(outs[1] - outs[0]).max() <= 1 and np.abs(outs[2] - outs[0]).max() <= 1
 
 
+def test_generate_cli_with_a_decode_stage_equals_one_process(tmp_path: Path) -> None:
+    paths = [tmp_path / "one.npy", tmp_path / "vae.npy"]
+    base = ["generate", "--prompt", "a dog", "--frames", "9", "--resolution", "64x64", "--no-progress"]
+    assert main([*base, "-o", str(paths[0])]) == 0
+    assert main([*base, "--stages", "2", "--executor", "mp", "--vae-stage", "-o", str(paths[1])]) == 0
+    one, staged = (np.load(p).astype(int) for p in paths)
+    assert one.shape == staged.shape == (9, 64, 64, 3)
+    assert np.abs(one - staged).max() <= 1
+
+
 def test_bad_stage_flags_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--prompt", "x", "--resolution", "64x64", "--stages", "9",
                  "-o", "/tmp/x.npy"]) == 2
     assert "stages" in capsys.readouterr().err
     assert main(["generate", "--prompt", "x", "--layer-ranges", "0-1,3-3", "-o", "/tmp/x.npy"]) == 2
     assert "contiguous" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--vae-stage", "-o", "/tmp/x.npy"]) == 2
+    assert "decode stage needs a staged pipeline" in capsys.readouterr().err
 
 
 def test_stage_balance_moves_layers_off_a_slow_stage() -> None:
@@ -177,6 +208,16 @@ def test_stage_balance_moves_layers_off_a_slow_stage() -> None:
     for _ in range(3):
         bal.observe([0.20, 0.20])
     assert bal.proposal() is None  # balanced: nothing to gain
+
+
+def test_stage_balance_keeps_the_last_stages_decode_as_a_fixed_cost() -> None:
+    """Equal devices; the last stage also decodes for 0.1 s per forward. Its layers are as fast as
+    the first stage's, so the split moves layers off it only as far as the decode's weight."""
+    bal = StageBalance([range(0, 10), range(10, 20)], min_samples=2)
+    for _ in range(2):
+        bal.observe([0.10, 0.20], fixed_s=[0.0, 0.10])  # 10 ms per layer on both
+    # Best: stage 0 gets 15 layers (0.15 s), stage 1 5 layers + decode (0.05 + 0.10 s).
+    assert bal.proposal() == [range(0, 15), range(15, 20)]
 
 
 def test_simulated_pipeline_runs_stages_concurrently() -> None:

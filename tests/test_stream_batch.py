@@ -21,7 +21,7 @@ from rollcast.workers.cache_policy import CachePolicy
 from rollcast.workers.model_config import ModelConfig
 from rollcast.workers.sampler import SamplerConfig
 from rollcast.workers.stream_generator import WorkerSpec
-from rollcast.workers.stream_state import BlockInput
+from rollcast.workers.stream_state import BlockInput, StreamState
 from rollcast.workers.video_pipeline import PipelineSpec, VideoPipeline, VideoSession
 
 SLO = SessionSLO(ttff_s=5.0, fps=16.0)
@@ -135,9 +135,9 @@ def test_lanes_equal_a_hand_run_reference_with_a_prompt_switch(
     latents: dict[str, list[torch.Tensor]] = {}  # each block's output latents, as decoded
     decode = VideoSession.decode
 
-    def keep(self: VideoSession, x0: torch.Tensor) -> np.ndarray:
+    def keep(self: VideoSession, x0: torch.Tensor, lane: StreamState | None = None) -> np.ndarray:
         latents.setdefault(self.state.session_id, []).append(x0.clone())
-        return decode(self, x0)
+        return decode(self, x0, lane)
 
     monkeypatch.setattr(VideoSession, "decode", keep)
     executor = LocalExecutor(sdv2)

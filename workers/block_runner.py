@@ -181,21 +181,30 @@ class BlockRunner:
             rope_positions=[list(range(s.block_rope_start, s.block_rope_start + f)) for s in states],
             new_block=new_block, grid_hw=self.grid_hw,
         )
-        handle = self.dit.launch(x, t, [s.prompt for s in states], write)
+        sigma = torch.tensor([self.sampler.sigma(ti) for ti in ts], device=self.device)
+        decode = [s.row if self._decodes_here(s, w) else -1 for s, w in zip(states, works, strict=True)]
+        handle = self.dit.launch(x, t, [s.prompt for s in states], write, sigma, decode)
         return PendingRun(states, works, ts, x, handle)
+
+    def _decodes_here(self, s: StreamState, work: Work) -> bool:
+        """Whether this forward finishes the session's block and the DiT decodes it on the way."""
+        return (self.dit.decodes and s.decode_output and work is Work.DENOISE
+                and s.step + 1 == len(s.timesteps))
 
     @torch.no_grad()
     def complete(self, run: PendingRun) -> list[Tensor | None]:
-        """Wait for a launched forward and advance its sessions (sampler step, re-noise)."""
-        v = run.handle.wait()
+        """Wait for a launched forward and advance its sessions (re-noise to the next step, or
+        finish the block). Frames the DiT decoded on the way wait in each state's `decoded`."""
+        out = run.handle.wait()
         if run.works[0] is Work.RECACHE:
             for s in run.states:
                 s.recache_pending = False
             return [None] * len(run.states)
-        sig = torch.tensor([self.sampler.sigma(ti) for ti in run.timesteps], device=self.device)
-        x0 = self.sampler.to_x0(run.x, v.to(run.x.dtype), sig.view(-1, 1, 1, 1, 1))
+        for s, frames in zip(run.states, out.frames, strict=True):
+            if frames is not None:
+                s.decoded = frames
         return [self._advance(s, w, x0_i)
-                for s, w, x0_i in zip(run.states, run.works, x0.unbind(0), strict=True)]
+                for s, w, x0_i in zip(run.states, run.works, out.x0.unbind(0), strict=True)]
 
     def _validate(self, states: list[StreamState]) -> None:
         if not states:
@@ -286,5 +295,6 @@ class BlockRunner:
             rope_positions=[[s.slot_rope[i] for i in sl] for s, sl in zip(states, slots, strict=True)],
             new_block=[False] * len(states), grid_hw=self.grid_hw,
         )
-        handle = self.dit.launch(x, t, [s.prompt for s in states], write)
+        handle = self.dit.launch(x, t, [s.prompt for s in states], write,
+                                 torch.zeros(len(states), device=self.device), [-1] * len(states))
         return PendingRun(states, [Work.RECACHE] * len(states), [0.0] * len(states), x, handle)

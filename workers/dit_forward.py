@@ -3,7 +3,10 @@
 The block runner (`block_runner.py`) owns every session's state machine: latents, noise, sampler
 steps, cache positions. What it needs from the model is one thing: a forward of a micro-batch of
 latents at per-frame timesteps that writes the given frames into each session's KV cache row and
-returns the flow prediction. `DiTForward` is that seam. A forward is *launched* and its result
+returns the clean-latent estimate x0 = x - σ·v of the flow prediction v (the sampler's x0 step runs
+where the head does: on a pipeline's last stage). `DiTForward` is that seam. A staged one may also
+decode finished blocks to frames where x0 comes out (`decodes`), so the VAE runs on the last
+stage or a dedicated decode stage instead of on the driver. A forward is *launched* and its result
 *waited for* separately, so a pipeline-parallel implementation (`rollcast.pipeline_parallel`)
 can hold as many micro-batches in flight as it has stages; the local one computes on `wait`.
 
@@ -18,12 +21,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 from torch import Tensor
 
 from rollcast.workers.causal_wan import CausalWanModel
 from rollcast.workers.kv_cache import KVCachePool
 from rollcast.workers.model_config import ModelConfig
 from rollcast.workers.prompt_kv import PromptBatch, PromptHandle, PromptKV
+from rollcast.workers.sampler import FlowMatchSampler
 
 
 @dataclass(frozen=True)
@@ -37,10 +42,17 @@ class KVWrite:
     grid_hw: tuple[int, int]
 
 
+@dataclass
+class ForwardOutput:
+    """x0 [B, C, F, h, w] of a forward, and the decoded frames (uint8 [T, H, W, 3]) of the samples
+    it was asked to decode (None for the others, and for all when the DiT does not decode)."""
+
+    x0: Tensor
+    frames: list[np.ndarray | None]
+
+
 class ForwardHandle(Protocol):
-    def wait(self) -> Tensor:
-        """The flow prediction v [B, C, F, h, w] of the launched forward."""
-        ...
+    def wait(self) -> ForwardOutput: ...
 
 
 class DiTForward(Protocol):
@@ -50,19 +62,24 @@ class DiTForward(Protocol):
     pool: KVCachePool
     depth: int  # forwards that may be in flight at once (launched and not yet waited for)
     kv_bytes: int  # K/V memory of every layer, wherever it lives
+    decodes: bool  # whether `launch` honours `decode_rows` (else the caller decodes x0 itself)
 
     def prompt_kv(self, embedding: Tensor) -> PromptHandle:
         """What the runner hands back to `launch` for a prompt (text embedding [L, text_dim])."""
         ...
 
     def opened(self, row: int) -> None:
-        """A session took cache row `row` (the runner allocated it from `pool`)."""
+        """A session took cache row `row` (the runner allocated it from `pool`); a decoding DiT
+        starts a fresh VAE decode stream on it."""
         ...
 
     def released(self, row: int) -> None: ...
 
-    def launch(self, x: Tensor, t: Tensor, prompts: Sequence[PromptHandle],
-               write: KVWrite) -> ForwardHandle: ...
+    def launch(self, x: Tensor, t: Tensor, prompts: Sequence[PromptHandle], write: KVWrite,
+               sigma: Tensor, decode_rows: Sequence[int]) -> ForwardHandle:
+        """One forward of latents x [B, C, F, h, w] at timesteps t [B, F]; σ [B] of each sample's
+        step gives x0; `decode_rows[i]` >= 0 asks for sample i's x0 decoded on that row's stream."""
+        ...
 
     def rebalance_plan(self) -> list[range] | None:
         """Layer ranges the stages should move to once nothing is in flight (None: stay)."""
@@ -79,9 +96,9 @@ class DiTForward(Protocol):
 class _Deferred:
     """A local forward, computed when its result is asked for."""
 
-    compute: Callable[[], Tensor]
+    compute: Callable[[], ForwardOutput]
 
-    def wait(self) -> Tensor:
+    def wait(self) -> ForwardOutput:
         return self.compute()
 
 
@@ -89,6 +106,7 @@ class LocalDiT:
     """All layers in this process; the forward runs when its result is asked for."""
 
     depth = 1
+    decodes = False  # the caller decodes: it runs in this process anyway
 
     def __init__(self, model: CausalWanModel, pool: KVCachePool) -> None:
         if pool.layers != model.layers:
@@ -119,10 +137,14 @@ class LocalDiT:
     def close(self) -> None:
         pass
 
-    def launch(self, x: Tensor, t: Tensor, prompts: Sequence[PromptHandle], write: KVWrite) -> _Deferred:
-        return _Deferred(functools.partial(self.forward, x, t, prompts, write))
+    def launch(self, x: Tensor, t: Tensor, prompts: Sequence[PromptHandle], write: KVWrite,
+               sigma: Tensor, decode_rows: Sequence[int]) -> _Deferred:
+        return _Deferred(functools.partial(self.forward, x, t, prompts, write, sigma))
 
-    def forward(self, x: Tensor, t: Tensor, prompts: Sequence[PromptHandle], write: KVWrite) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, prompts: Sequence[PromptHandle], write: KVWrite,
+                sigma: Tensor) -> ForwardOutput:
         kv = self.pool.batch(rows=write.rows, frames=write.frames, rope_positions=write.rope_positions,
                              new_block=write.new_block, grid_hw=write.grid_hw, rope=self.model.rope)
-        return self.model(x, t, PromptBatch.stack(prompts), kv.attend)  # type: ignore[arg-type]
+        v = self.model(x, t, PromptBatch.stack(prompts), kv.attend)  # type: ignore[arg-type]
+        return ForwardOutput(FlowMatchSampler.to_x0(x, v.to(x.dtype), sigma.view(-1, 1, 1, 1, 1)),
+                             [None] * len(x))

@@ -16,6 +16,7 @@ from rollcast.workers.kv_cache import KVCachePool
 from rollcast.workers.model_config import ModelConfig
 from rollcast.workers.model_files import ModelFiles
 from rollcast.workers.sampler import FlowMatchSampler, SamplerConfig
+from rollcast.workers.vae import VaeSpec
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -89,7 +90,7 @@ def runner_over(spec: WorkerSpec, dit: DiTForward) -> BlockRunner:
                        frames_per_block=spec.frames_per_block)
 
 
-def build_runner(spec: WorkerSpec) -> BlockRunner:
-    """All layers in this process."""
+def build_runner(spec: WorkerSpec, vae: VaeSpec | None = None) -> BlockRunner:
+    """All layers in this process (the caller decodes: `vae` is for runners that decode)."""
     model = build_model(spec)
     return runner_over(spec, LocalDiT(model, build_pool(spec, model.layers)))

@@ -6,6 +6,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,6 +55,10 @@ class StreamState:
     v2v: bool = False
     inputs: deque[BlockInput] = field(default_factory=deque)
     closed: bool = False
+    # Whether this state's finished blocks are the stream's output (a stream-batched session's
+    # earlier lanes hand theirs on instead), and the frames a decoding DiT made of the last one.
+    decode_output: bool = True
+    decoded: np.ndarray | None = None
 
     @property
     def next_work(self) -> Work:

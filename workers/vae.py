@@ -16,6 +16,7 @@ takes 1 + 4k frames (k >= 0) and returns 1 + k latents, later calls take 4k fram
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -81,3 +82,19 @@ def build_vae(
         return TinyVAE.build(TinyVAEConfig.preset(size), checkpoint=checkpoint, device=device,
                              dtype=dtype, seed=seed)
     raise ValueError(f"unknown VAE {kind!r}; choose one of {list(VAE_KINDS)}")
+
+
+@dataclass(frozen=True)
+class VaeSpec:
+    """Everything needed to build the same VAE in another process (a pipeline's decode stage)."""
+
+    kind: str
+    size: VAESize
+    checkpoint: Path | None = None
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+    def build(self, device: str | None = None) -> StreamingVAE:
+        return build_vae(self.kind, self.size, checkpoint=self.checkpoint, device=device or self.device,
+                         dtype=self.dtype, seed=self.seed)

@@ -32,7 +32,7 @@ from rollcast.workers.prompt_kv import PromptHandle
 from rollcast.workers.stream_generator import WorkerSpec, build_runner
 from rollcast.workers.stream_state import BlockInput, StreamState
 from rollcast.workers.text_encoder import TextEncoder, TextEncoderConfig, UMT5TextEncoder
-from rollcast.workers.vae import StreamingVAE, build_vae, video_frames
+from rollcast.workers.vae import StreamingVAE, VaeSpec, video_frames
 from rollcast.workers.video_file import to_pixels, to_uint8
 
 # A prompt: plain text, or weighted texts blended in embedding space.
@@ -82,9 +82,10 @@ class VideoPipeline:
 
     @classmethod
     def build(cls, spec: PipelineSpec,
-              runner_builder: Callable[[WorkerSpec], BlockRunner] = build_runner) -> VideoPipeline:
+              runner_builder: Callable[[WorkerSpec, VaeSpec], BlockRunner] = build_runner) -> VideoPipeline:
         """Random weights without a checkpoint; else every component from one model directory.
-        `runner_builder` makes the DiT's runner (a pipeline-parallel one splits it into stages)."""
+        `runner_builder` makes the DiT's runner (a pipeline-parallel one splits it into stages and
+        builds the same VAE where the blocks come out, to decode them there)."""
         w = spec.worker
         if spec.vae_kind not in ("wan", "tiny"):
             raise ValueError(f"unknown VAE {spec.vae_kind!r}; choose wan or tiny")
@@ -96,13 +97,14 @@ class VideoPipeline:
             files = ModelFiles.resolve(w.checkpoint)
             files.text()  # fail before the long loads if a part is missing
             files.vae(spec.vae_kind)
-        vae = build_vae(spec.vae_kind, w.config.vae_size,
-                        checkpoint=files.vae(spec.vae_kind) if files else None,
-                        device=w.device, dtype=w.dtype, seed=w.seed)
+        vae_spec = VaeSpec(spec.vae_kind, w.config.vae_size,  # type: ignore[arg-type]
+                           checkpoint=files.vae(spec.vae_kind) if files else None,
+                           device=w.device, dtype=w.dtype, seed=w.seed)
+        vae = vae_spec.build()
         if vae.z_dim != w.config.in_dim:
             raise CheckpointError(f"VAE latents have {vae.z_dim} channels, the model takes {w.config.in_dim}")
         text = build_text_encoder(w, files)
-        runner = runner_builder(dataclasses.replace(w, checkpoint=files.dit if files else None))
+        runner = runner_builder(dataclasses.replace(w, checkpoint=files.dit if files else None), vae_spec)
         return cls(runner, vae, text, spec=spec)
 
     def shutdown(self) -> None:
@@ -271,11 +273,15 @@ class VideoSession:
 
     # -- output ---------------------------------------------------------------------------------
 
-    def decode(self, x0: Tensor) -> np.ndarray:
-        """A finished block's clean latents [C, F, h, w] → its video frames, uint8 [T, H, W, 3]."""
-        vae = self.pipeline.vae
-        px = vae.decode_chunk(x0[None].to(vae.dtype), self.decode_state)
-        frames = to_uint8(px[0])
+    def decode(self, x0: Tensor, lane: StreamState | None = None) -> np.ndarray:
+        """A finished block's clean latents [C, F, h, w] → its video frames, uint8 [T, H, W, 3].
+        A staged DiT may have decoded them already, on the stream state that finished the block
+        (`lane`, default the session's own): those frames are taken instead."""
+        source = lane or self.state
+        frames, source.decoded = source.decoded, None
+        if frames is None:
+            vae = self.pipeline.vae
+            frames = to_uint8(vae.decode_chunk(x0[None].to(vae.dtype), self.decode_state)[0])
         self.frames_out += len(frames)
         return frames
 
