@@ -14,26 +14,31 @@ from rollcast.workers.vae import VaeSpec
 @dataclass(frozen=True)
 class ParallelConfig:
     stages: int = 1
-    executor: StageExecutor = "local"  # stages as threads of this process, or "mp": one process each
+    executor: StageExecutor = "local"  # stages as threads of this process; "mp": one process each;
+    # "ray": one Ray actor each, a placement group per pipeline
     layer_ranges: tuple[range, ...] | None = None  # None: StreamDiffusionV2's even split
     rebalance: bool = True  # move layers online when measured stage times say so
     # Finished blocks are decoded where x0 comes out: on the last stage, or on a stage of its own.
     decode_stage: bool = False
+    ray_address: str | None = None  # the Ray cluster to join ("auto", ray://...); None: a local one
 
     def __post_init__(self) -> None:
         if self.stages < 1:
             raise ValueError(f"stages must be at least 1, got {self.stages}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"unknown executor {self.executor!r}; choose one of {list(EXECUTORS)}")
-        if self.decode_stage and self.stages < 2 and self.executor != "mp":
-            raise ValueError("a decode stage needs a staged pipeline (--stages 2 or more, or --executor mp)")
+        if self.decode_stage and not self.staged:
+            raise ValueError("a decode stage needs a staged pipeline (--stages 2 or more, or --executor "
+                             "mp or ray)")
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError(f"a Ray address is for --executor ray, not {self.executor}")
         if self.layer_ranges is not None and len(self.layer_ranges) != self.stages:
             raise ValueError(f"{len(self.layer_ranges)} layer ranges for {self.stages} stages")
 
     @property
     def staged(self) -> bool:
         """Whether the layers run on stage workers rather than in the driver's own forward."""
-        return self.stages > 1 or self.executor == "mp"
+        return self.stages > 1 or self.executor != "local"
 
     def ranges(self, num_layers: int) -> list[range]:
         if self.stages > num_layers:
@@ -48,8 +53,13 @@ class ParallelConfig:
         (which decode finished blocks with `vae` when it is given)."""
         if not self.staged:
             return build_runner(spec)
+        ray = None
+        if self.executor == "ray":
+            from rollcast.pipeline_parallel.ray_stages import RayConfig  # Ray loads slowly
+
+            ray = RayConfig(address=self.ray_address)
         dit = start_pipeline(spec, self.ranges(spec.config.num_layers), self.executor, vae=vae,
-                             decode_stage=self.decode_stage, auto_rebalance=self.rebalance)
+                             decode_stage=self.decode_stage, ray=ray, auto_rebalance=self.rebalance)
         return runner_over(spec, dit)
 
 

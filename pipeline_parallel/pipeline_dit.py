@@ -94,7 +94,8 @@ class PipelineDiT:
         self.kv_bytes = 2 * pool.k.shape[1:].numel() * pool.k.element_size() * config.num_layers
         self._proposed: list[range] | None = None  # new ranges the pipeline should move to
         self.rebalances = 0
-        self.stage_pids: list[int | None] = []  # stage processes (mp), for operators and tests
+        self.stage_pids: list[int | None] = []  # stage processes (mp, ray), for operators and tests
+        self.stage_actors: list[object] = []  # Ray actor handles (ray)
         self.stage_log: deque[list[float]] = deque(maxlen=4096)  # recent forwards' stage seconds
 
     @property

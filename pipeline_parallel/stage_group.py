@@ -1,7 +1,8 @@
-"""Starting a pipeline's stages: as threads of this process (`local`) or as one process per stage
-(`mp`, torch.multiprocessing + torch.distributed: gloo on CPU, NCCL between GPUs).
+"""Starting a pipeline's stages: as threads of this process (`local`), as one process per stage
+(`mp`, torch.multiprocessing + torch.distributed: gloo on CPU, NCCL between GPUs), or as Ray
+actors (`ray`, `ray_stages.py`).
 
-Either way the driver is rank 0 in this process and gets a `PipelineDiT`; stage i is rank i + 1,
+Every way the driver is rank 0 in this process and gets a `PipelineDiT`; stage i is rank i + 1,
 and the optional decode stage comes last (rank stages + 1).
 Start-up ends with a ping around the ring, so a stage that cannot build its model fails the start
 with its error instead of the first forward. A stage process that dies later is noticed by the
@@ -17,10 +18,9 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as tmp
 
 from rollcast.pipeline_parallel.decode_stage import DecodeStage
@@ -28,16 +28,20 @@ from rollcast.pipeline_parallel.pipeline_dit import PipelineDiT
 from rollcast.pipeline_parallel.stage_worker import StageSpec, StageWorker
 from rollcast.pipeline_parallel.transport import (
     DistTransport,
+    Liveness,
     QueueHub,
     Transport,
+    connect_ring,
     free_port,
-    init_process_group,
 )
 from rollcast.workers.stream_generator import WorkerSpec, build_pool
 from rollcast.workers.vae import VaeSpec
 
-StageExecutor = Literal["local", "mp"]
-EXECUTORS: tuple[str, ...] = ("local", "mp")
+if TYPE_CHECKING:
+    from rollcast.pipeline_parallel.ray_stages import RayConfig
+
+StageExecutor = Literal["local", "mp", "ray"]
+EXECUTORS: tuple[str, ...] = ("local", "mp", "ray")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ class RingPlan:
         """Ranks after the driver."""
         return len(self.ranges) + self.decode_stage
 
+    def rank_name(self, rank: int) -> str:
+        return f"stage {rank - 1}" if rank <= len(self.ranges) else "the decode stage"
+
     def stage(self, i: int) -> StageSpec:
         return StageSpec(self.spec, self.ranges, i, vae=self.vae, vae_stage=self.decode_stage)
 
@@ -67,7 +74,7 @@ class RingPlan:
 
 
 def start_pipeline(spec: WorkerSpec, ranges: list[range], executor: StageExecutor = "local", *,
-                   vae: VaeSpec | None = None, decode_stage: bool = False,
+                   vae: VaeSpec | None = None, decode_stage: bool = False, ray: RayConfig | None = None,
                    auto_rebalance: bool = True, start_timeout_s: float = 600.0) -> PipelineDiT:
     """Start the stages and return the driver. With `vae`, finished blocks are decoded on the last
     stage, or on a decode stage of their own with `decode_stage`."""
@@ -76,6 +83,11 @@ def start_pipeline(spec: WorkerSpec, ranges: list[range], executor: StageExecuto
         return _start_threads(plan, auto_rebalance)
     if executor == "mp":
         return _start_processes(plan, auto_rebalance, start_timeout_s)
+    if executor == "ray":
+        from rollcast.pipeline_parallel.ray_stages import RayConfig, start_ray_pipeline  # Ray loads slowly
+
+        return start_ray_pipeline(plan, ray or RayConfig(), auto_rebalance=auto_rebalance,
+                                  start_timeout_s=start_timeout_s)
     raise ValueError(f"unknown stage executor {executor!r}; choose one of {list(EXECUTORS)}")
 
 
@@ -89,7 +101,7 @@ def _start_threads(plan: RingPlan, auto_rebalance: bool) -> PipelineDiT:
         workers.append(DecodeStage(plan.vae, plan.ranks))  # type: ignore[arg-type]
     threads = []
     for i, worker in enumerate(workers):
-        th = threading.Thread(target=_serve_thread, args=(worker, hub, i + 1),
+        th = threading.Thread(target=_serve_thread, args=(worker, hub, i + 1, plan.rank_name(i + 1)),
                               name=f"rollcast-stage{i}", daemon=True)
         th.start()
         threads.append(th)
@@ -103,33 +115,27 @@ def _start_threads(plan: RingPlan, auto_rebalance: bool) -> PipelineDiT:
     return dit
 
 
-def _serve_thread(worker: StageWorker | DecodeStage, hub: QueueHub, rank: int) -> None:
+def _serve_thread(worker: StageWorker | DecodeStage, hub: QueueHub, rank: int, name: str) -> None:
     try:
         worker.serve(hub.transport(rank))
     except BaseException as e:  # the driver must hear of it, not wait forever
-        hub.fail(rank, f"{_rank_name(worker, rank)} thread died: {type(e).__name__}: {e}")
-
-
-def _rank_name(worker: object, rank: int) -> str:
-    return "the decode stage" if isinstance(worker, DecodeStage) else f"stage {rank - 1}"
+        hub.fail(rank, f"{name} thread died: {type(e).__name__}: {e}")
 
 
 # -- processes ----------------------------------------------------------------------------------
 
 
-def _rank_main(plan: RingPlan, rank: int, world: int, init_method: str, threads: int) -> None:
-    """A stage process: join the group, build the stage (rank r on GPU r - 1 mod the GPU count),
-    serve until `stop`."""
+def serve_rank(plan: RingPlan, rank: int, world: int, init_method: str, threads: int) -> int:
+    """One rank after the driver, in its own process: join the ring, build the stage (rank r on
+    GPU r - 1 mod the visible GPUs), serve until `stop`. Returns the exit code."""
     torch.set_num_threads(threads)
-    device, backend = plan.spec.device, "gloo"
+    device = plan.spec.device
     if device.startswith("cuda"):
-        backend = "nccl"
         index = (rank - 1) % torch.cuda.device_count()
         torch.cuda.set_device(index)
         device = f"cuda:{index}"
-    init_process_group(rank, world, backend=backend, init_method=init_method, timeout_s=600.0)
-    transport = DistTransport(rank, world, device=torch.device(device))
-    code = 0
+    group = connect_ring(rank, world, init_method=init_method, cuda=device.startswith("cuda"))
+    transport = DistTransport(group, device=torch.device(device))
     try:
         if rank <= len(plan.ranges):
             spec = plan.stage(rank - 1)
@@ -139,46 +145,39 @@ def _rank_main(plan: RingPlan, rank: int, world: int, init_method: str, threads:
             DecodeStage(plan.vae, rank, device).serve(transport)  # type: ignore[arg-type]
     except BaseException:
         traceback.print_exc()
-        code = 1
+        return 1
     finally:
         transport.close()
-        dist.destroy_process_group()
-    # Everything is sent and the group is gone: skip the interpreter's teardown, where gloo threads
-    # owned by C++ statics abort the process ("terminate called without an active exception").
+    return 0
+
+
+def _rank_main(plan: RingPlan, rank: int, world: int, init_method: str, threads: int) -> None:
+    code = serve_rank(plan, rank, world, init_method, threads)
+    # Everything is sent: skip the interpreter's teardown, where gloo threads owned by C++ statics
+    # abort the process ("terminate called without an active exception").
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
-def _start_processes(plan: RingPlan, auto_rebalance: bool, start_timeout_s: float) -> PipelineDiT:
-    ranks = plan.ranks
-    world = ranks + 1
-    ctx = tmp.get_context("spawn")
-    init_method = f"tcp://127.0.0.1:{free_port()}"
-    threads = max(1, (os.cpu_count() or 1) // ranks)
-    procs = [ctx.Process(target=_rank_main, name=f"rollcast-rank{r}", daemon=True,
-                         args=(plan, r, world, init_method, threads))
-             for r in range(1, ranks + 1)]
-    for p in procs:
-        p.start()
-
-    def liveness(rank: int) -> str | None:
-        p = procs[rank - 1] if 1 <= rank <= ranks else None
-        if p is not None and p.exitcode is not None:
-            who = f"stage {rank - 1}" if rank <= len(plan.ranges) else "the decode stage"
-            return f"{who} (process {p.pid}) exited with code {p.exitcode}"
-        return None
-
+def connect_driver(plan: RingPlan, init_method: str, *, liveness: Liveness, on_close: Callable[[], None],
+                   auto_rebalance: bool, start_timeout_s: float) -> PipelineDiT:
+    """Join the ring as rank 0 once the other ranks are launched, and ping around it (a rank that
+    cannot build its stage fails the start with its error). `on_close` stops the ranks."""
     device = torch.device(plan.spec.device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
     try:
-        init_process_group(0, world, backend=backend, init_method=init_method, timeout_s=start_timeout_s)
-        transport = DistTransport(0, world, device=device, liveness=liveness)
+        group = connect_ring(0, plan.ranks + 1, init_method=init_method, cuda=device.type == "cuda",
+                             timeout_s=start_timeout_s)
     except BaseException:
-        _stop_processes(procs)
+        on_close()
         raise
-    dit = plan.driver(transport, on_close=_closer(procs, transport), auto_rebalance=auto_rebalance)
-    dit.stage_pids = [p.pid for p in procs]
+    transport = DistTransport(group, device=device, liveness=liveness)
+
+    def close() -> None:
+        on_close()
+        transport.close()
+
+    dit = plan.driver(transport, on_close=close, auto_rebalance=auto_rebalance)
     try:
         dit.ping()
     except BaseException:
@@ -187,19 +186,31 @@ def _start_processes(plan: RingPlan, auto_rebalance: bool, start_timeout_s: floa
     return dit
 
 
-def _closer(procs: list, transport: DistTransport) -> Callable[[], None]:
-    def close() -> None:
+def _start_processes(plan: RingPlan, auto_rebalance: bool, start_timeout_s: float) -> PipelineDiT:
+    ranks = plan.ranks
+    ctx = tmp.get_context("spawn")
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    threads = max(1, (os.cpu_count() or 1) // ranks)
+    procs = [ctx.Process(target=_rank_main, name=f"rollcast-rank{r}", daemon=True,
+                         args=(plan, r, ranks + 1, init_method, threads))
+             for r in range(1, ranks + 1)]
+    for p in procs:
+        p.start()
+
+    def liveness(rank: int) -> str | None:
+        p = procs[rank - 1] if 1 <= rank <= ranks else None
+        if p is not None and p.exitcode is not None:
+            return f"{plan.rank_name(rank)} (process {p.pid}) exited with code {p.exitcode}"
+        return None
+
+    def stop() -> None:
         for p in procs:
             p.join(timeout=10)
-        _stop_processes(procs)
-        transport.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return close
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
 
-
-def _stop_processes(procs: list) -> None:
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=5)
+    dit = connect_driver(plan, init_method, liveness=liveness, on_close=stop, auto_rebalance=auto_rebalance,
+                         start_timeout_s=start_timeout_s)
+    dit.stage_pids = [p.pid for p in procs]
+    return dit

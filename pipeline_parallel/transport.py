@@ -64,9 +64,10 @@ __all__ = [
     "PeerFailedError",
     "QueueHub",
     "QueueTransport",
+    "RingGroup",
     "Transport",
+    "connect_ring",
     "free_port",
-    "init_process_group",
 ]
 
 Liveness = Callable[[int], "str | None"]
@@ -347,33 +348,58 @@ class QueueTransport(_HandshakeCounts):
 # torch.distributed transport
 
 
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (racy by nature: bind it soon)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A currently free TCP port on `host` (racy by nature: bind it soon)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def init_process_group(
-    rank: int, world_size: int, *, backend: str, init_method: str, timeout_s: float
-) -> None:
-    """`dist.init_process_group` with an explicit init method (``tcp://127.0.0.1:PORT`` or
-    ``file:///tmp/...``). With a loopback tcp address, gloo is told to use the loopback interface
-    (unless GLOO_SOCKET_IFNAME is set) so ranks on one host talk over 127.0.0.1 only.
+@dataclass
+class RingGroup:
+    """The process groups of one pipeline's ranks. They are built from their own TCP store, not
+    as the process's default group, so one driver process can run several pipelines (replicas)
+    and rebuild a failed one without disturbing the others."""
 
-    `timeout_s` bounds rendezvous and collectives; DistTransport's waits do not depend on it."""
-    host = urlparse(init_method).hostname if init_method.startswith("tcp://") else None
-    if host in ("127.0.0.1", "localhost") and "gloo" in backend:
+    rank: int
+    world_size: int
+    host: dist.ProcessGroup  # gloo: headers and host tensors
+    device: dist.ProcessGroup | None = None  # NCCL for CUDA tensors (None on CPU)
+    store: dist.Store | None = None  # kept alive as long as the groups
+
+    def close(self) -> None:
+        """Drop the groups (the peers may be gone; nothing here waits for them)."""
+        if self.device is not None and hasattr(self.device, "shutdown"):
+            with contextlib.suppress(RuntimeError):
+                self.device.shutdown()
+        self.device = None
+        self.store = None
+
+
+def connect_ring(
+    rank: int, world_size: int, *, init_method: str, cuda: bool = False, timeout_s: float = 600.0
+) -> RingGroup:
+    """Rendezvous at ``tcp://HOST:PORT`` (rank 0 serves the store there) and build the groups.
+    With a loopback address, gloo is told to use the loopback interface (unless
+    GLOO_SOCKET_IFNAME is set) so ranks on one host talk over 127.0.0.1 only.
+
+    `timeout_s` bounds the rendezvous; DistTransport's waits do not depend on it."""
+    url = urlparse(init_method)
+    if url.scheme != "tcp" or url.hostname is None or url.port is None:
+        raise ValueError(f"init method must look like tcp://HOST:PORT, got {init_method!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    if url.hostname in ("127.0.0.1", "localhost"):
         loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
         if loopback is not None:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
-    dist.init_process_group(
-        backend=backend,
-        init_method=init_method,
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(url.hostname, url.port, world_size, is_master=rank == 0, timeout=timeout)
+    host = dist.ProcessGroupGloo(dist.PrefixStore("gloo", store), rank, world_size, timeout)
+    device = None
+    if cuda:
+        device = dist.ProcessGroupNCCL(dist.PrefixStore("nccl", store), rank, world_size)
+    return RingGroup(rank, world_size, host, device, store)
 
 
 def _bytes_view(t: Tensor) -> Tensor:
@@ -471,16 +497,13 @@ class _PendingRecv:
 
 
 class DistTransport(_HandshakeCounts):
-    """Transport over the initialised default `torch.distributed` process group.
+    """Transport over a pipeline's `RingGroup` (`connect_ring`).
 
-    All ranks must construct it collectively (same order relative to other group creations): with a
-    CUDA `device` it creates a gloo group for host-side headers with `dist.new_group`.
-
-    CPU / gloo default group: everything goes over the default group, using `tag`.
-    CUDA / NCCL default group: headers and CPU tensors go over the gloo group with tags; CUDA tensors
-    go over NCCL, whose point-to-point ignores tags. So between one pair of ranks, CUDA tensors may
-    be sent on one tag only (checked: another tag raises ValueError). A CUDA device needs NCCL in
-    the default group. (The NCCL path follows this contract but has not run on a multi-GPU host yet.)
+    CPU: everything goes over the gloo group, using `tag`.
+    CUDA: headers and CPU tensors go over the gloo group with tags; CUDA tensors go over NCCL,
+    whose point-to-point ignores tags. So between one pair of ranks, CUDA tensors may be sent on
+    one tag only (checked: another tag raises ValueError). A CUDA device needs the group's NCCL
+    part. (The NCCL path follows this contract but has not run on a multi-GPU host yet.)
     A dead NCCL peer is reported via liveness/timeouts, but the NCCL communicator may be wedged
     afterwards: abort the process group rather than reuse it.
 
@@ -490,8 +513,7 @@ class DistTransport(_HandshakeCounts):
 
     def __init__(
         self,
-        rank: int,
-        world_size: int,
+        group: RingGroup,
         *,
         device: torch.device | str,
         liveness: Liveness | None = None,
@@ -500,15 +522,9 @@ class DistTransport(_HandshakeCounts):
         poll_interval_s: float = DEFAULT_POLL_S,
         close_timeout_s: float = 10.0,
     ) -> None:
-        if not dist.is_initialized():
-            raise RuntimeError("DistTransport needs an initialised default process group")
-        if dist.get_rank() != rank or dist.get_world_size() != world_size:
-            raise ValueError(
-                f"rank/world size {rank}/{world_size} differ from the process group's "
-                f"{dist.get_rank()}/{dist.get_world_size()}"
-            )
-        self.rank = rank
-        self.world_size = world_size
+        self.group = group
+        self.rank = group.rank
+        self.world_size = group.world_size
         self.device = torch.device(device)
         self._liveness = liveness
         self._max_outstanding = max_outstanding
@@ -516,12 +532,8 @@ class DistTransport(_HandshakeCounts):
         self._poll_interval_s = poll_interval_s
         self._close_timeout_s = close_timeout_s
         self._cuda = self.device.type == "cuda"
-        # Host-side messages need gloo; the default group is NCCL when the device is CUDA (a
-        # "cpu:gloo,cuda:nccl" default group already has both).
-        backend = str(dist.get_backend())
-        if self._cuda and "nccl" not in backend:
-            raise ValueError(f"a CUDA device needs NCCL in the default process group, not {backend!r}")
-        self._host_group = None if "gloo" in backend else dist.new_group(backend="gloo")
+        if self._cuda and group.device is None:
+            raise ValueError("a CUDA device needs a ring group with NCCL (connect_ring(..., cuda=True))")
         self._send_layouts: dict[tuple[int, int], _SendLayouts] = {}
         self._recv_layouts: dict[tuple[int, int], _RecvLayouts[dict[str, Tensor]]] = {}
         self._pending: dict[tuple[int, int], _PendingRecv] = {}
@@ -574,8 +586,8 @@ class DistTransport(_HandshakeCounts):
 
     def _post_send(self, message: _OutgoingMessage, payload: Tensor, dst: int, tag: int) -> None:
         is_nccl = payload.device.type == "cuda"
-        group = None if is_nccl else self._host_group
-        work = dist.isend(payload, dst=dst, group=group, tag=tag)
+        group = self.group.device if is_nccl else self.group.host
+        work = group.send([payload], dst, tag)  # type: ignore[union-attr]
         message.works.append((work, is_nccl))
         message.keepalive.append(payload)
 
@@ -682,10 +694,10 @@ class DistTransport(_HandshakeCounts):
             # Posted on the caller's stream so NCCL waits for the caller's earlier use of the buffer.
             # The current device is per thread, and this runs in a helper thread.
             with torch.cuda.device(payload.device), torch.cuda.stream(stream):
-                work = dist.irecv(payload, src=src, tag=tag)
+                work = self.group.device.recv([payload], src, tag)  # type: ignore[union-attr]
             _wait_work(work, is_nccl=True)
         else:
-            _wait_work(dist.irecv(payload, src=src, group=self._host_group, tag=tag), is_nccl=False)
+            _wait_work(self.group.host.recv([payload], src, tag), is_nccl=False)
 
     def _allocate(self, layout: _Layout) -> dict[str, Tensor]:
         def device_of(spec: _TensorSpec) -> torch.device:
@@ -714,8 +726,8 @@ class DistTransport(_HandshakeCounts):
 
     def close(self) -> None:
         """Waits up to `close_timeout_s` for outstanding sends to be received (so a final "stop"
-        message is delivered), then stops the helper threads. Peer failures are not raised here.
-        The process groups stay: the caller destroys the default group (which takes ours along)."""
+        message is delivered), then stops the helper threads and drops the ring's groups. Peer
+        failures are not raised here."""
         if self._closed:
             return
         self._closed = True
@@ -723,3 +735,4 @@ class DistTransport(_HandshakeCounts):
             self.flush(timeout_s=self._close_timeout_s)
         for reaper in self._reapers.values():
             reaper.push(None)
+        self.group.close()

@@ -99,8 +99,12 @@ def add_parallel_args(p: argparse.ArgumentParser, *, stages: bool = True) -> Non
         p.add_argument("--stages", type=positive_int, default=1,
                        help="pipeline stages the DiT's layers are split into (default 1)")
     p.add_argument("--executor", default="local", choices=EXECUTORS,
-                   help="where the stages run: local (threads of this process) or mp (one process "
-                        "per stage, torch.distributed: gloo on CPU, NCCL on GPUs)")
+                   help="where the stages run: local (threads of this process), mp (one process "
+                        "per stage, torch.distributed: gloo on CPU, NCCL on GPUs) or ray (one Ray "
+                        "actor per stage, a placement group per pipeline)")
+    p.add_argument("--address", default=None, metavar="auto|ray://HOST:PORT",
+                   help="with --executor ray: the Ray cluster to join ('auto': the one this node "
+                        "belongs to); default: start a local Ray instance")
     p.add_argument("--layer-ranges", default=None, metavar="0-9,10-29",
                    help="first-last layer of each stage (default: an even split; the block "
                         "scheduler rebalances online)")
@@ -115,4 +119,5 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
     ranges = parse_ranges(args.layer_ranges) if args.layer_ranges else None
     stages = args.stages if ranges is None or args.stages != 1 else len(ranges)
     return ParallelConfig(stages=stages, executor=args.executor, layer_ranges=ranges,
-                          rebalance=not args.no_rebalance, decode_stage=args.vae_stage)
+                          rebalance=not args.no_rebalance, decode_stage=args.vae_stage,
+                          ray_address=args.address)

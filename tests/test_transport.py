@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
@@ -21,9 +20,10 @@ from rollcast.pipeline_parallel.transport import (
     PeerFailedError,
     QueueHub,
     QueueTransport,
+    RingGroup,
     Transport,
+    connect_ring,
     free_port,
-    init_process_group,
 )
 
 Message = tuple[str, dict[str, Tensor]]
@@ -168,10 +168,8 @@ _INIT_TIMEOUT_S = 30.0
 
 def _init_child(rank: int, world_size: int, port: int) -> DistTransport:
     torch.set_num_threads(1)
-    init_process_group(
-        rank, world_size, backend="gloo", init_method=f"tcp://127.0.0.1:{port}", timeout_s=_INIT_TIMEOUT_S
-    )
-    return DistTransport(rank, world_size, device="cpu")
+    group = connect_ring(rank, world_size, init_method=f"tcp://127.0.0.1:{port}", timeout_s=_INIT_TIMEOUT_S)
+    return DistTransport(group, device="cpu")
 
 
 def _relay_worker(rank: int, world_size: int, port: int, results: Any) -> None:
@@ -193,7 +191,6 @@ def _relay_worker(rank: int, world_size: int, port: int, results: Any) -> None:
         t.send(2, "stop", {})
     results.put((rank, t.handshakes_sent, t.handshakes_received))
     t.close()
-    dist.destroy_process_group()
 
 
 def _victim_worker(rank: int, world_size: int, port: int, results: Any) -> None:
@@ -205,8 +202,8 @@ def _victim_worker(rank: int, world_size: int, port: int, results: Any) -> None:
 
 
 @contextmanager
-def _gloo_world(world_size: int, worker: Any) -> Iterator[tuple[list[Any], Any]]:
-    """Spawns ranks 1.. running `worker`, joins the group as rank 0, and always cleans up."""
+def _gloo_world(world_size: int, worker: Any) -> Iterator[tuple[list[Any], Any, RingGroup]]:
+    """Spawns ranks 1.. running `worker`, joins the ring as rank 0, and always cleans up."""
     ctx = mp.get_context("spawn")
     port = free_port()
     results = ctx.Queue()
@@ -217,13 +214,9 @@ def _gloo_world(world_size: int, worker: Any) -> Iterator[tuple[list[Any], Any]]
     for proc in procs:
         proc.start()
     try:
-        init_process_group(
-            0, world_size, backend="gloo", init_method=f"tcp://127.0.0.1:{port}", timeout_s=_INIT_TIMEOUT_S
-        )
-        yield procs, results
+        group = connect_ring(0, world_size, init_method=f"tcp://127.0.0.1:{port}", timeout_s=_INIT_TIMEOUT_S)
+        yield procs, results, group
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
         for proc in procs:
             proc.join(timeout=10)
             if proc.is_alive():
@@ -233,8 +226,8 @@ def _gloo_world(world_size: int, worker: Any) -> Iterator[tuple[list[Any], Any]]
 
 @pytest.mark.timeout(90)
 def test_dist_transport_round_trip_ring_tags_and_handshakes() -> None:
-    with _gloo_world(3, _relay_worker) as (procs, results):
-        t = DistTransport(0, 3, device="cpu", liveness=_exit_code_liveness(procs))
+    with _gloo_world(3, _relay_worker) as (procs, results, group):
+        t = DistTransport(group, device="cpu", liveness=_exit_code_liveness(procs))
         assert isinstance(t, Transport)
 
         # Round trip of every layout/kind, twice: the second pass reuses the cached buffers.
@@ -287,14 +280,14 @@ def _exit_code_liveness(procs: list[Any]) -> Any:
 
 @pytest.mark.timeout(60)
 def test_dist_transport_timeouts_liveness_and_killed_peer() -> None:
-    with _gloo_world(2, _victim_worker) as (procs, _):
+    with _gloo_world(2, _victim_worker) as (procs, _, group):
         verdicts: dict[int, str] = {}
         by_exit_code = _exit_code_liveness(procs)
 
         def liveness(rank: int) -> str | None:
             return verdicts.get(rank) or by_exit_code(rank)
 
-        t = DistTransport(0, 2, device="cpu", liveness=liveness)
+        t = DistTransport(group, device="cpu", liveness=liveness)
         kind, hello = t.recv(1, timeout_s=20)
         assert kind == "hello" and int(hello["pid"]) == procs[0].pid
 
@@ -330,11 +323,35 @@ def test_dist_transport_timeouts_liveness_and_killed_peer() -> None:
         t.close()
 
 
-def test_dist_transport_needs_process_group() -> None:
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised")
-    with pytest.raises(RuntimeError, match="process group"):
-        DistTransport(0, 2, device="cpu")
+def test_connect_ring_rejects_bad_addresses() -> None:
+    with pytest.raises(ValueError, match="tcp://HOST:PORT"):
+        connect_ring(0, 2, init_method="file:///tmp/x")
+    with pytest.raises(ValueError, match="outside a world of 2"):
+        connect_ring(2, 2, init_method="tcp://127.0.0.1:1")
+
+
+@pytest.mark.timeout(60)
+def test_two_rings_in_one_process_are_independent() -> None:
+    """Two pipelines' rings side by side in one process (replicas): each carries its own traffic."""
+    ports = [free_port(), free_port()]
+    groups: dict[tuple[int, int], RingGroup] = {}
+
+    def join(ring: int, rank: int) -> None:
+        groups[ring, rank] = connect_ring(rank, 2, init_method=f"tcp://127.0.0.1:{ports[ring]}", timeout_s=20)
+
+    threads = [threading.Thread(target=join, args=(r, k)) for r in range(2) for k in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=30)
+    ends = {key: DistTransport(g, device="cpu") for key, g in groups.items()}
+    for ring in range(2):
+        ends[ring, 0].send(1, f"ring{ring}", {"x": torch.full((3,), ring)})
+    for ring in range(2):
+        kind, msg = ends[ring, 1].recv(0, timeout_s=10)
+        assert kind == f"ring{ring}" and msg["x"].tolist() == [ring] * 3
+    for t in ends.values():
+        t.close()
 
 
 def test_queue_transport_is_a_transport() -> None:
