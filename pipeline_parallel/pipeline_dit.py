@@ -114,7 +114,8 @@ class PipelineDiT:
         self._send("open_row", {"row": torch.tensor(row)})
 
     def released(self, row: int) -> None:
-        self._send("release_row", {"row": torch.tensor(row)})
+        if self._failure is None:  # a lost pipeline's rows went with it
+            self._send("release_row", {"row": torch.tensor(row)})
 
     def launch(self, x: Tensor, t: Tensor, prompts: Sequence[PromptHandle], write: KVWrite,
                sigma: Tensor, decode_rows: Sequence[int]) -> StagedForward:

@@ -17,6 +17,8 @@ the simulator.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -84,6 +86,12 @@ class Engine:
         self.batches = 0
         self.batched_items = 0
         self.max_in_flight = 0  # the most micro-batches the executor held at once
+        # Fault recovery: a result reporting the pipeline lost ends its sessions; the loop then has
+        # the executor rebuild it. Meanwhile `rebuilding` is set and admission refuses newcomers.
+        self.pipeline_failures = 0
+        self.rebuilding = False
+        self._lost: str | None = None
+        self._next_rebuild = -math.inf
 
     # -- client calls (any thread) -------------------------------------------------------------
 
@@ -107,6 +115,18 @@ class Engine:
                 self._emit("rejected", now, rec, reason=decision.reason,
                            retry_after_s=decision.retry_after_s)
             self._wake.notify_all()
+            return decision
+
+    def preview(self, request: SessionRequest) -> AdmissionDecision:
+        """What `open_session` would decide for `request` now, changing nothing (replica placement)."""
+        with self._lock:
+            rec = SessionRecord(request, self.geometry(request), t_arrival=self.clock.now())
+            rec.lanes = self.policy.lanes(request)
+            decision = self._decide(rec, rec.t_arrival, allow_queue=True)
+            if decision.outcome == "admitted" and not self.policy.admission:
+                # No admission control, but placement still wants the load it would bring.
+                specs = [*(spec_of(r) for r in self.active.values()), spec_of(rec)]
+                decision = dataclasses.replace(decision, predicted_load=self.admission.load(specs))
             return decision
 
     def close_session(self, session_id: str, reason: str = "closed") -> None:
@@ -198,6 +218,9 @@ class Engine:
         return self.executor.collect()
 
     def update(self, result: BatchResult) -> None:
+        if result.lost is not None:
+            self._lose_pipeline(result.lost, result.finished)
+            return
         with self._lock:
             self._release(result.batch)
             self.batches += 1
@@ -233,6 +256,8 @@ class Engine:
         """One round: schedule and submit micro-batches until the executor holds `depth` of them
         (the ring of a pipeline is full) or nothing else is ready, then collect and update the
         oldest. False when there was nothing to run."""
+        if self._lost is not None:
+            return self._rebuild()
         while len(self._in_flight) < self.depth:
             batch = self.schedule(self.clock.now())
             if batch is None:
@@ -241,6 +266,8 @@ class Engine:
         if not self._in_flight:
             return False
         self.update(self.collect())
+        if self._lost is not None:
+            self._rebuild()
         return True
 
     def run_until(self, t_end: float, arrivals: Callable[[float], float | None] | None = None) -> None:
@@ -307,6 +334,50 @@ class Engine:
         for item in batch.items:
             self.sessions[item.session_id].busy_lanes.discard(item.lane)
 
+    def _lose_pipeline(self, reason: str, now: float) -> None:
+        """The executor's pipeline is gone: what was in flight with it, and every active session
+        (their KV caches lived on it). Each gets `degraded` (what: pipeline) and then ends failed
+        with the reason; queued sessions wait for the rebuilt pipeline."""
+        with self._lock:
+            self.pipeline_failures += 1
+            self.rebuilding = True
+            self._lost = reason
+            for batch in list(self._in_flight):
+                self._release(batch)
+            for rec in list(self.active.values()):
+                self._emit("degraded", now, rec, what="pipeline", old="running", new="lost", reason=reason)
+                rec.error = f"pipeline_failed: {reason}"
+                self._end(rec, now, "failed", reason=rec.error)
+            self._emit_engine("pipeline_lost", now, reason=reason, failures=self.pipeline_failures)
+
+    def _rebuild(self) -> bool:
+        """Start a fresh pipeline (outside the lock: it takes seconds; client calls on this engine
+        see `rebuilding` meanwhile). A failed rebuild is retried, at most once a second. Returns
+        whether it was attempted."""
+        t0 = self.clock.now()
+        if t0 < self._next_rebuild:
+            return False
+        try:
+            self.executor.rebuild()
+        except Exception as e:  # keep the loop; try again
+            with self._lock:
+                self._next_rebuild = self.clock.now() + 1.0
+                self._emit_engine("pipeline_lost", self.clock.now(), reason=f"rebuild failed: {e}",
+                                  failures=self.pipeline_failures)
+            return True
+        with self._lock:
+            self._lost = None
+            self.rebuilding = False
+            self._emit_engine("pipeline_rebuilt", self.clock.now(), seconds=self.clock.now() - t0)
+        return True
+
+    def _emit_engine(self, kind: EventKind, t: float, **data: object) -> None:
+        """An event about the engine itself (session_id "")."""
+        event = EngineEvent(kind, t, "", dict(data))
+        if self._on_event is not None:
+            self._on_event(event)
+        self.events.append(event)
+
     def _fail_in_flight(self, error: Exception) -> None:
         with self._lock:
             batches = list(self._in_flight)
@@ -328,6 +399,10 @@ class Engine:
         return min((t for t in timers if t is not None), default=None)
 
     def _decide(self, rec: SessionRecord, now: float, *, allow_queue: bool) -> AdmissionDecision:
+        if self.rebuilding:
+            return AdmissionDecision("rejected", "capacity_exhausted",
+                                     retry_after_s=self.config.admission.default_retry_after_s,
+                                     detail="the pipeline is being rebuilt after a failure")
         if not self.policy.admission:
             return AdmissionDecision("admitted")
         return self.admission.decide(rec, list(self.active.values()), now=now, queue_len=len(self.queue),
@@ -357,7 +432,7 @@ class Engine:
         return decision
 
     def _admit_from_queue(self, now: float) -> None:
-        while self.queue:
+        while self.queue and not self.rebuilding:
             head = self.queue[0]
             decision = self._decide(head, now, allow_queue=False)
             if decision.outcome == "admitted":
@@ -449,4 +524,5 @@ class Engine:
             specs = [spec_of(r) for r in self.active.values()]
             return {"active": len(self.active), "queued": len(self.queue),
                     "predicted_load": self.admission.load(specs),
-                    "mean_batch": self.batched_items / self.batches if self.batches else 0.0}
+                    "mean_batch": self.batched_items / self.batches if self.batches else 0.0,
+                    "pipeline_failures": self.pipeline_failures, "rebuilding": self.rebuilding}

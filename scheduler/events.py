@@ -13,6 +13,7 @@ EventKind = Literal[
     "queued", "admitted", "rejected", "block_done", "frames_ready", "deadline_miss",
     "degraded", "recovered", "finished", "failed", "closed",
     "batch_done",  # per micro-batch, session_id "": size and seconds by stage (for metrics)
+    "pipeline_lost", "pipeline_rebuilt",  # session_id "": a stage died / the pipeline is back
 ]
 
 

@@ -61,6 +61,11 @@ class Executor(Protocol):
         """Start a micro-batch; at most `depth` may be in flight, no session lane in two."""
         ...
 
+    def rebuild(self) -> None:
+        """After a result with `lost` set: drop what was in flight and every session (the engine
+        has ended them) and start a fresh pipeline (new stage processes or actors)."""
+        ...
+
     def collect(self) -> BatchResult:
         """Wait for the oldest micro-batch in flight."""
         ...
@@ -85,6 +90,8 @@ class SimulatedExecutor:
         self.open_sessions: set[str] = set()
         self._inflight: deque[tuple[MicroBatch, float, float]] = deque()
         self._stage_free = [0.0] * stages
+        self.lose_pipeline: str | None = None  # set it to make the next collect report a lost pipeline
+        self.rebuilds = 0
 
     def open(self, record: SessionRecord) -> None:
         self.open_sessions.add(record.session_id)
@@ -103,6 +110,12 @@ class SimulatedExecutor:
 
     def ready(self, session_id: str) -> bool:
         return True
+
+    def rebuild(self) -> None:
+        self._inflight.clear()
+        self.open_sessions.clear()
+        self._stage_free = [0.0] * self.depth
+        self.rebuilds += 1
 
     def submit(self, batch: MicroBatch) -> None:
         if len(self._inflight) >= self.depth:
@@ -125,5 +138,8 @@ class SimulatedExecutor:
             raise RuntimeError("nothing submitted")
         batch, start, end = self._inflight.popleft()
         self.clock.advance_to(end)
+        if self.lose_pipeline is not None:
+            lost, self.lose_pipeline = self.lose_pipeline, None
+            return BatchResult(batch, start, end, lost=lost)
         frames: dict[str, object | None] = {i.session_id: None for i in batch.items if i.finishes_block}
         return BatchResult(batch, start, end, frames=frames)

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from rollcast.pipeline_parallel.pipeline_dit import PipelineFailedError
 from rollcast.scheduler.cost_model import CostModel
 from rollcast.scheduler.executor import CapacityError
 from rollcast.scheduler.session import BlockGeometry, SessionRecord, SessionRequest
@@ -85,6 +86,7 @@ class _InFlight:
     plan: list[tuple[WorkItem, _Stream]]
     pending: PendingRun | None
     failed: dict[str, str]
+    lost: str | None = None  # the pipeline was found gone when launching
 
 
 class LocalExecutor:
@@ -178,6 +180,19 @@ class LocalExecutor:
                 return
         self._free(stream)
 
+    def rebuild(self) -> None:
+        """The pipeline's stages are gone: forget what was in flight and every stream (the engine
+        ended their sessions), then start fresh stages."""
+        with self._lock:
+            streams = [*self.streams.values(), *self._closing]
+            self.streams.clear()
+            self._closing.clear()
+            self._busy.clear()
+            self._inflight.clear()
+        for stream in streams:
+            self._free(stream)
+        self.pipeline.rebuild_runner()
+
     def _free(self, stream: _Stream) -> None:
         for st in stream.lanes[1:]:
             self.pipeline.runner.close(st)
@@ -262,15 +277,17 @@ class LocalExecutor:
             except (RuntimeError, ValueError) as e:
                 failed[item.session_id] = f"{type(e).__name__}: {e}"
         plan = [(i, s) for i, s in plan if i.session_id not in failed]
-        pending = None
+        pending, lost = None, None
         if plan:
             try:
                 pending = self.pipeline.runner.launch([s.lanes[i.lane] for i, s in plan])
+            except PipelineFailedError as e:
+                lost = str(e)
             except (RuntimeError, ValueError) as e:  # the whole forward failed: all its sessions
                 for item, _ in plan:
                     failed[item.session_id] = f"{type(e).__name__}: {e}"
                 plan = []
-        self._inflight.append(_InFlight(batch, list(streams), start, plan, pending, failed))
+        self._inflight.append(_InFlight(batch, list(streams), start, plan, pending, failed, lost))
 
     def collect(self) -> BatchResult:
         if not self._inflight:
@@ -279,9 +296,13 @@ class LocalExecutor:
         failed, frames = f.failed, {}
         stages: dict[str, float] = {}
         try:
+            if f.lost is not None:
+                return BatchResult(f.batch, f.started, time.monotonic(), lost=f.lost)
             if f.pending is not None:
                 try:
                     outputs = self.pipeline.runner.complete(f.pending)
+                except PipelineFailedError as e:  # a stage is gone: so is every session on it
+                    return BatchResult(f.batch, f.started, time.monotonic(), lost=str(e))
                 except (RuntimeError, ValueError) as e:  # the whole forward failed: all its sessions
                     outputs = []
                     for item, _ in f.plan:

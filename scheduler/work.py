@@ -96,6 +96,9 @@ class BatchResult:
     frames: dict[str, object | None] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # session_id -> error, that session only
     stages: dict[str, float] = field(default_factory=dict)  # seconds by stage (executor-defined)
+    # The executor's pipeline is gone (a stage process/actor died): why. Every session on it is
+    # lost; the engine ends them and has the executor `rebuild`.
+    lost: str | None = None
 
     @property
     def seconds(self) -> float:

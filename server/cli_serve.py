@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000)
     add_parallel_args(p)
+    p.add_argument("--replicas", type=positive_int, default=1,
+                   help="independent pipelines (each --stages stages, its own KV caches and engine); "
+                        "new sessions go to the one with the most predicted slack")
     p.add_argument("--scheduler", default="slo", choices=POLICY_NAMES,
                    help="batching policy (default slo)")
     p.add_argument("--max-sessions", type=positive_int, default=8, help="KV cache rows (concurrent streams)")
@@ -86,7 +89,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
                                  max_duration_s=args.max_duration,
                                  max_sessions_per_client=args.max_sessions_per_client),
         cost_model=args.cost_model, save_cost_model=args.save_cost_model, ice_servers=tuple(args.ice_server),
-        parallel=parallel)
+        parallel=parallel, replicas=args.replicas)
 
 
 def run(args: argparse.Namespace) -> int:

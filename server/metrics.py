@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rollcast.scheduler.events import EngineEvent
@@ -44,6 +44,33 @@ class _StateGauges(Collector):
                                 value=float(state.get("kv_cache_rows_used", 0)))  # type: ignore[arg-type]
         yield GaugeMetricFamily("rollcast_gpu_memory_bytes", "GPU memory allocated by torch (0 on CPU)",
                                 value=float(state.get("gpu_memory_bytes", 0)))  # type: ignore[arg-type]
+        yield from _pipeline_metrics(state.get("pipelines", []))  # type: ignore[arg-type]
+
+
+def _pipeline_metrics(pipelines: list[dict[str, object]]):  # type: ignore[no-untyped-def]
+    """Per replica (`--replicas`): its sessions, load, cache rows, whether it is being rebuilt
+    and how many times it lost a stage."""
+    families = {
+        "active": GaugeMetricFamily("rollcast_pipeline_sessions", "Active sessions per pipeline",
+                                    labels=["pipeline"]),
+        "predicted_load": GaugeMetricFamily("rollcast_pipeline_predicted_load",
+                                            "Admission's predicted load per pipeline (1 = full)",
+                                            labels=["pipeline"]),
+        "kv_cache_rows_used": GaugeMetricFamily("rollcast_pipeline_kv_cache_rows_used",
+                                                "KV cache rows held per pipeline", labels=["pipeline"]),
+        "rebuilding": GaugeMetricFamily("rollcast_pipeline_rebuilding",
+                                        "1 while the pipeline is rebuilt after losing a stage",
+                                        labels=["pipeline"]),
+    }
+    failures = CounterMetricFamily("rollcast_pipeline_failures", "Times a pipeline lost a stage",
+                                   labels=["pipeline"])
+    for p in pipelines:
+        label = [str(p["pipeline"])]
+        for key, family in families.items():
+            family.add_metric(label, float(p[key]))  # type: ignore[arg-type]
+        failures.add_metric(label, float(p["failures"]))  # type: ignore[arg-type]
+    yield from families.values()
+    yield failures
 
 
 class ServerMetrics:
@@ -84,6 +111,9 @@ class ServerMetrics:
                                     ["direction", "what"], registry=r)
         self.sessions_ended = Counter("rollcast_sessions_ended", "Sessions that ended, by outcome",
                                       ["outcome"], registry=r)
+        self.rebuild_time = Histogram("rollcast_pipeline_rebuild_seconds",
+                                      "A lost pipeline's rebuild: new stages started and connected",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
         self.control_messages = Counter("rollcast_control_messages", "Control messages by type and result",
                                         ["type", "result"], registry=r)
         r.register(_StateGauges(read_state))
@@ -109,6 +139,8 @@ class ServerMetrics:
         elif e.kind in ("finished", "failed"):
             outcome = "failed" if e.kind == "failed" else str(d.get("reason", "finished"))
             self.sessions_ended.labels(outcome).inc()
+        elif e.kind == "pipeline_rebuilt":
+            self.rebuild_time.observe(float(d.get("seconds", 0.0)))
         elif e.kind == "batch_done":
             self.batch_size.observe(int(d.get("size", 0)))
             for stage, seconds in dict(d.get("stages", {})).items():

@@ -2,12 +2,15 @@
 
 `ServeConfig` is the whole configuration of `rollcast serve`; `Runtime.build` turns it into live
 parts (loading the model and profiling it to fit the cost model), `start`/`stop` run the engine
-thread. The FastAPI app (`server.app`) only talks to a `Runtime`.
+threads. With `replicas` > 1 there are that many independent pipelines, each with its executor and
+engine, behind a `ReplicaSet` that places sessions by predicted slack. The FastAPI app
+(`server.app`) only talks to a `Runtime`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import time
@@ -23,6 +26,7 @@ from rollcast.scheduler.cost_model import CostModel
 from rollcast.scheduler.engine import Engine, EngineConfig
 from rollcast.scheduler.local_executor import LocalExecutor
 from rollcast.scheduler.policies import make_policy
+from rollcast.scheduler.replica_set import ReplicaSet
 from rollcast.server.metrics import ServerMetrics
 from rollcast.server.sessions import SessionDefaults, SessionManager
 from rollcast.workers.stream_generator import WorkerSpec
@@ -48,6 +52,11 @@ class ServeConfig:
     max_body_bytes: int = 64 * 1024
     ice_servers: tuple[str, ...] = ()
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # pipeline stages of the DiT
+    replicas: int = 1  # independent pipelines, sessions placed by predicted slack
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
 
     @staticmethod
     def api_key_from_env(flag: str | None) -> str | None:
@@ -64,40 +73,54 @@ def _base_cost(worker: WorkerSpec) -> CostModel:
 
 
 class Runtime:
-    def __init__(self, config: ServeConfig, pipeline: VideoPipeline, executor: LocalExecutor,
-                 engine: Engine, metrics: ServerMetrics, manager: SessionManager) -> None:
+    def __init__(self, config: ServeConfig, executors: list[LocalExecutor], engine: ReplicaSet,
+                 metrics: ServerMetrics, manager: SessionManager) -> None:
         self.config = config
-        self.pipeline = pipeline
-        self.executor = executor
+        self.executors = executors
         self.engine = engine
         self.metrics = metrics
         self.sessions = manager
         self.started = False
         self.build_seconds = 0.0
 
+    @property
+    def pipeline(self) -> VideoPipeline:
+        """Replica 0's pipeline (every replica serves the same model and shape)."""
+        return self.executors[0].pipeline
+
     @classmethod
     def build(cls, config: ServeConfig) -> Runtime:
         t0 = time.perf_counter()
-        pipeline = VideoPipeline.build(config.pipeline, config.parallel.build_runner)
-        executor = LocalExecutor(pipeline)
+        executors: list[LocalExecutor] = []
+        try:
+            for _ in range(config.replicas):
+                pipeline = VideoPipeline.build(config.pipeline, config.parallel.build_runner)
+                executors.append(LocalExecutor(pipeline))
+        except BaseException:
+            for ex in executors:
+                ex.pipeline.shutdown()
+            raise
+        pipeline = executors[0].pipeline
         if config.cost_model is not None:
             cost = CostModel.load(config.cost_model)
-        else:
+        else:  # replicas are alike: profile one
             sizes = tuple(b for b in (1, 2, 4) if b <= pipeline.runner.pool.free_rows)
-            cost = executor.profile(_base_cost(config.pipeline.worker), batch_sizes=sizes, repeats=2)
+            cost = executors[0].profile(_base_cost(config.pipeline.worker), batch_sizes=sizes, repeats=2)
             if config.save_cost_model is not None:
                 cost.save(config.save_cost_model)
-        # Engine, metrics and sessions refer to each other; the closures read the names below,
-        # which are all bound before the engine thread starts or anything is scraped.
-        engine = Engine(executor, cost, make_policy(config.policy), clock=MonotonicClock(),
-                        geometry=executor.geometry,
-                        config=EngineConfig(max_batch=config.max_batch, admission=config.admission),
-                        on_event=lambda e: manager.on_engine_event(e))
+        # Engines, metrics and sessions refer to each other; the closures read the names below,
+        # which are all bound before an engine thread starts or anything is scraped.
+        engines = [Engine(ex, copy.deepcopy(cost), make_policy(config.policy), clock=MonotonicClock(),
+                          geometry=ex.geometry,
+                          config=EngineConfig(max_batch=config.max_batch, admission=config.admission),
+                          on_event=lambda e: manager.on_engine_event(e))
+                   for ex in executors]
+        replicas = ReplicaSet(engines)
         metrics = ServerMetrics(lambda: rt.state())
-        manager = SessionManager(engine, metrics=metrics, defaults=config.sessions, model_fps=pipeline.fps,
+        manager = SessionManager(replicas, metrics=metrics, defaults=config.sessions, model_fps=pipeline.fps,
                                  default_steps=len(pipeline.runner.sampler.timesteps(None)),
                                  resolution=pipeline.resolution)
-        rt = cls(config, pipeline, executor, engine, metrics, manager)
+        rt = cls(config, executors, replicas, metrics, manager)
         rt.build_seconds = time.perf_counter() - t0
         worker = config.pipeline.worker
         log.info("built %s on %s in %.1f s", worker.config.name, worker.device, rt.build_seconds)
@@ -110,7 +133,8 @@ class Runtime:
 
     def stop(self) -> None:
         self.engine.stop()
-        self.pipeline.shutdown()
+        for ex in self.executors:
+            ex.pipeline.shutdown()
         self.started = False
 
     @property
@@ -118,14 +142,23 @@ class Runtime:
         return self.started and self.engine.running
 
     def state(self) -> dict[str, object]:
-        """Scrape-time view for metrics and /v1/capacity."""
+        """Scrape-time view for metrics and /v1/capacity: totals, and `pipelines`, one per replica."""
         snap = self.engine.snapshot()
-        pool = self.pipeline.runner.pool
+        pipelines = []
+        for i, (ex, rsnap) in enumerate(zip(self.executors, snap["replicas"], strict=True)):  # type: ignore[call-overload]
+            runner = ex.pipeline.runner
+            pipelines.append({
+                "pipeline": i, "active": rsnap["active"], "queued": rsnap["queued"],
+                "predicted_load": rsnap["predicted_load"], "rebuilding": rsnap["rebuilding"],
+                "failures": rsnap["pipeline_failures"], "kv_cache_bytes": runner.dit.kv_bytes,
+                "kv_cache_rows_used": runner.pool.rows - runner.pool.free_rows,
+                "kv_cache_rows": runner.pool.rows})
         counts = self.sessions.counts()
         gpu = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         return {"sessions": counts, "predicted_load": snap["predicted_load"],
                 "mean_batch": snap["mean_batch"],
-                "kv_cache_bytes": self.pipeline.runner.dit.kv_bytes,
-                "kv_cache_rows_used": pool.rows - pool.free_rows,
-                "kv_cache_rows": pool.rows, "gpu_memory_bytes": gpu}
+                "kv_cache_bytes": sum(p["kv_cache_bytes"] for p in pipelines),
+                "kv_cache_rows_used": sum(p["kv_cache_rows_used"] for p in pipelines),
+                "kv_cache_rows": sum(p["kv_cache_rows"] for p in pipelines), "gpu_memory_bytes": gpu,
+                "pipeline_failures": sum(p["failures"] for p in pipelines), "pipelines": pipelines}
 

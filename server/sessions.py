@@ -27,6 +27,7 @@ import numpy as np
 from rollcast.scheduler.admission import AdmissionDecision
 from rollcast.scheduler.engine import Engine
 from rollcast.scheduler.events import EngineEvent
+from rollcast.scheduler.replica_set import ReplicaSet
 from rollcast.scheduler.session import SessionRequest, SessionSLO
 from rollcast.server.frame_queue import Frame, FrameQueue
 from rollcast.server.metrics import ServerMetrics
@@ -185,7 +186,7 @@ class ServerSession:
 
 
 class SessionManager:
-    def __init__(self, engine: Engine, *, metrics: ServerMetrics, defaults: SessionDefaults,
+    def __init__(self, engine: Engine | ReplicaSet, *, metrics: ServerMetrics, defaults: SessionDefaults,
                  model_fps: float, default_steps: int, resolution: tuple[int, int]) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -312,7 +313,10 @@ class SessionManager:
                 s.steps = int(new)  # type: ignore[arg-type]
             elif what == "fps":
                 s.fps = float(new)  # type: ignore[arg-type]
-            self.publish(s, {"type": kind, "what": what, "old": data.get("old"), "new": new})
+            message = {"type": kind, "what": what, "old": data.get("old"), "new": new}
+            if "reason" in data:  # e.g. what: pipeline, a stage died
+                message["reason"] = data["reason"]
+            self.publish(s, message)
         elif kind in _ENDED:
             self._finish(s, kind, str(data.get("reason") or kind))
 

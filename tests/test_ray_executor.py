@@ -3,6 +3,7 @@ the same frames as one process; a killed actor fails its pipeline fast and by na
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -14,6 +15,14 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from rollcast.pipeline_parallel.parallel_config import ParallelConfig  # noqa: E402
 from rollcast.pipeline_parallel.pipeline_dit import PipelineFailedError  # noqa: E402
+from rollcast.scheduler.clock import MonotonicClock  # noqa: E402
+from rollcast.scheduler.cost_model import CostModel  # noqa: E402
+from rollcast.scheduler.engine import Engine, EngineConfig  # noqa: E402
+from rollcast.scheduler.events import EngineEvent  # noqa: E402
+from rollcast.scheduler.local_executor import LocalExecutor  # noqa: E402
+from rollcast.scheduler.policies import make_policy  # noqa: E402
+from rollcast.scheduler.replica_set import ReplicaSet  # noqa: E402
+from rollcast.scheduler.session import SessionRequest, SessionSLO  # noqa: E402
 from rollcast.workers.cache_policy import CachePolicy  # noqa: E402
 from rollcast.workers.model_config import ModelConfig  # noqa: E402
 from rollcast.workers.sampler import SamplerConfig  # noqa: E402
@@ -74,3 +83,66 @@ def test_a_killed_stage_actor_fails_its_pipeline_by_name(cluster: Cluster) -> No
         assert time.monotonic() - t0 < 15
     finally:
         pipeline.shutdown()
+
+
+def test_killing_a_stage_actor_mid_stream_fails_over_only_its_replica(cluster: Cluster) -> None:
+    """Two replicas of two Ray stages each, one live stream on each. A stage actor of replica 0
+    is killed mid-stream: its session gets `degraded` (what: pipeline) then fails with the reason;
+    replica 0 is rebuilt on new actors and serves a new session; replica 1's stream never notices
+    and its frames equal a single-process run."""
+    executors = [LocalExecutor(VideoPipeline.build(spec(), ParallelConfig(2, "ray", rebalance=False)
+                                                   .build_runner)) for _ in range(2)]
+    events: list[EngineEvent] = []
+    chunks: dict[str, list[np.ndarray]] = {}
+    killed = threading.Event()
+
+    def on_event(e: EngineEvent) -> None:
+        events.append(e)
+        if e.kind == "frames_ready":
+            chunks.setdefault(e.session_id, []).append(e.data["frames"])  # type: ignore[arg-type]
+            if e.session_id == "s0" and not killed.is_set():
+                killed.set()
+                ray.kill(executors[0].pipeline.runner.dit.stage_actors[1])  # type: ignore[attr-defined]
+
+    cost = CostModel.for_model(CFG, name="tiny-cpu", peak_flops=1e10, half_tokens=100.0, overhead_s=0.01,
+                               decode_s_per_latent_frame=0.005)
+    engines = [Engine(ex, cost, make_policy("slo-noadmit"), clock=MonotonicClock(), geometry=ex.geometry,
+                      config=EngineConfig(max_batch=1, max_lead_s=None), on_event=on_event)
+               for ex in executors]
+    rs = ReplicaSet(engines)
+    old_pids = list(executors[0].pipeline.runner.dit.stage_pids)  # type: ignore[attr-defined]
+    rs.start()
+    try:
+        slo = SessionSLO(ttff_s=60.0, fps=16.0)
+        for i in range(2):
+            rs.open_session(SessionRequest(f"s{i}", prompt="a red ball", seed=3, steps=2, slo=slo,
+                                           duration_s=FRAMES / 16))
+        assert [rs.replica_of("s0"), rs.replica_of("s1")] == [0, 1]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (
+                engines[1].sessions["s1"].state == "finished" and engines[0].sessions["s0"].state == "failed"
+                and not engines[0].rebuilding and engines[0].pipeline_failures == 1):
+            time.sleep(0.1)
+        s0 = engines[0].sessions["s0"]
+        assert s0.state == "failed" and "pipeline_failed" in str(s0.error) and "stage 1" in str(s0.error)
+        kinds = [e.kind for e in events if e.session_id == "s0"]
+        assert kinds.index("degraded") < kinds.index("failed")
+        assert any(e.kind == "pipeline_rebuilt" for e in events)
+        assert executors[0].pipeline.runner.dit.stage_pids != old_pids  # type: ignore[attr-defined]
+        # The survivor: every frame, equal to one process.
+        want = frames(VideoPipeline.build(spec()), 3)
+        got = np.concatenate(chunks["s1"])[:FRAMES]
+        assert engines[1].sessions["s1"].state == "finished" and engines[1].pipeline_failures == 0
+        assert np.abs(got.astype(int) - want).max() <= 1
+        # The rebuilt replica has the slack now and serves a new stream to the end.
+        rs.open_session(SessionRequest("s2", prompt="a red ball", seed=3, steps=2, slo=slo,
+                                       duration_s=FRAMES / 16))
+        assert rs.replica_of("s2") == 0
+        while time.monotonic() < deadline and engines[0].sessions["s2"].state == "active":
+            time.sleep(0.1)
+        assert engines[0].sessions["s2"].state == "finished"
+        assert np.abs(np.concatenate(chunks["s2"])[:FRAMES].astype(int) - want).max() <= 1
+    finally:
+        rs.stop()
+        for ex in executors:
+            ex.pipeline.shutdown()

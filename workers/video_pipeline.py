@@ -13,6 +13,7 @@ block to 4F. A v2v session needs that many input frames before each block can st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -71,6 +72,7 @@ class VideoPipeline:
     def __init__(self, runner: BlockRunner, vae: StreamingVAE, text: TextEncoder, *,
                  spec: PipelineSpec) -> None:
         self.runner = runner
+        self._rebuild_runner: Callable[[], BlockRunner] | None = None
         self.vae = vae
         self.text = text
         self.prompts = PromptEmbeddingCache(text, capacity=spec.prompt_cache_size)
@@ -104,8 +106,18 @@ class VideoPipeline:
         if vae.z_dim != w.config.in_dim:
             raise CheckpointError(f"VAE latents have {vae.z_dim} channels, the model takes {w.config.in_dim}")
         text = build_text_encoder(w, files)
-        runner = runner_builder(dataclasses.replace(w, checkpoint=files.dit if files else None), vae_spec)
-        return cls(runner, vae, text, spec=spec)
+        worker = dataclasses.replace(w, checkpoint=files.dit if files else None)
+        pipeline = cls(runner_builder(worker, vae_spec), vae, text, spec=spec)
+        pipeline._rebuild_runner = functools.partial(runner_builder, worker, vae_spec)
+        return pipeline
+
+    def rebuild_runner(self) -> None:
+        """Replace a runner whose stages are gone by a fresh one (every session on the old one
+        must be closed: their cache rows lived there)."""
+        if self._rebuild_runner is None:
+            raise RuntimeError("this pipeline was not built by VideoPipeline.build: cannot rebuild")
+        self.runner.shutdown()
+        self.runner = self._rebuild_runner()
 
     def shutdown(self) -> None:
         """Stop the DiT's pipeline stages, if it has any (a local model needs nothing)."""
