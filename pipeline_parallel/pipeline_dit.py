@@ -78,6 +78,7 @@ class PipelineDiT:
         self.ranges = list(ranges)
         self.stages = len(ranges)
         self.decodes = decodes  # the last stage or the decode stage decodes finished blocks
+        self.remote = True  # the layers live in other threads/processes, which can be lost
         self.depth = self.stages + decode_stage  # ranks after the driver: forwards in flight
         self.reply_timeout_s = reply_timeout_s
         self._on_close = on_close
@@ -105,7 +106,7 @@ class PipelineDiT:
     # -- DiTForward -------------------------------------------------------------------------
 
     def prompt_kv(self, embedding: Tensor) -> PromptHandle:
-        ref = PromptRef(next(self._ids))
+        ref = PromptRef(next(self._ids), embedding.detach())
         self._send("prompt", {"id": torch.tensor(ref.prompt_id), "embedding": embedding.detach()})
         weakref.finalize(ref, self._dropped.append, ref.prompt_id)
         return ref

@@ -335,19 +335,18 @@ class Engine:
             self.sessions[item.session_id].busy_lanes.discard(item.lane)
 
     def _lose_pipeline(self, reason: str, now: float) -> None:
-        """The executor's pipeline is gone: what was in flight with it, and every active session
-        (their KV caches lived on it). Each gets `degraded` (what: pipeline) and then ends failed
-        with the reason; queued sessions wait for the rebuilt pipeline."""
+        """The executor's pipeline is gone, with what was in flight on it (none of it took effect:
+        those forwards run again). Every active session gets `degraded` (what: pipeline) and
+        waits for the rebuild; queued ones wait too."""
         with self._lock:
             self.pipeline_failures += 1
             self.rebuilding = True
             self._lost = reason
             for batch in list(self._in_flight):
                 self._release(batch)
-            for rec in list(self.active.values()):
-                self._emit("degraded", now, rec, what="pipeline", old="running", new="lost", reason=reason)
-                rec.error = f"pipeline_failed: {reason}"
-                self._end(rec, now, "failed", reason=rec.error)
+            for rec in self.active.values():
+                self._emit("degraded", now, rec, what="pipeline", old="running", new="rebuilding",
+                           reason=reason)
             self._emit_engine("pipeline_lost", now, reason=reason, failures=self.pipeline_failures)
 
     def _rebuild(self) -> bool:
@@ -357,19 +356,34 @@ class Engine:
         t0 = self.clock.now()
         if t0 < self._next_rebuild:
             return False
+        reason = self._lost
         try:
-            self.executor.rebuild()
-        except Exception as e:  # keep the loop; try again
+            dropped = set(self.executor.rebuild())
+        except Exception as e:  # no pipeline: its sessions are gone; try again later
             with self._lock:
-                self._next_rebuild = self.clock.now() + 1.0
-                self._emit_engine("pipeline_lost", self.clock.now(), reason=f"rebuild failed: {e}",
+                now = self.clock.now()
+                self._next_rebuild = now + 1.0
+                self._end_lost(set(self.active), f"{reason}; rebuild failed: {type(e).__name__}: {e}", now)
+                self._emit_engine("pipeline_lost", now, reason=f"rebuild failed: {e}",
                                   failures=self.pipeline_failures)
             return True
         with self._lock:
+            now = self.clock.now()
+            self._end_lost(dropped, str(reason), now)
             self._lost = None
             self.rebuilding = False
-            self._emit_engine("pipeline_rebuilt", self.clock.now(), seconds=self.clock.now() - t0)
+            self._emit_engine("pipeline_rebuilt", now, seconds=now - t0, resumed=len(self.active),
+                              dropped=len(dropped))
+            for rec in self.active.values():
+                self._emit("recovered", now, rec, what="pipeline", old="rebuilding", new="running")
         return True
+
+    def _end_lost(self, session_ids: set[str], reason: str, now: float) -> None:
+        for sid in session_ids:
+            rec = self.active.get(sid)
+            if rec is not None:
+                rec.error = f"pipeline_failed: {reason}"
+                self._end(rec, now, "failed", reason=rec.error)
 
     def _emit_engine(self, kind: EventKind, t: float, **data: object) -> None:
         """An event about the engine itself (session_id "")."""

@@ -61,9 +61,10 @@ class Executor(Protocol):
         """Start a micro-batch; at most `depth` may be in flight, no session lane in two."""
         ...
 
-    def rebuild(self) -> None:
-        """After a result with `lost` set: drop what was in flight and every session (the engine
-        has ended them) and start a fresh pipeline (new stage processes or actors)."""
+    def rebuild(self) -> list[str]:
+        """After a result with `lost` set: drop what was in flight, start a fresh pipeline (new
+        stage processes or actors) and carry the open sessions over; returns those it could not
+        (the engine ends them). Raises when no pipeline could be started (all sessions are gone)."""
         ...
 
     def collect(self) -> BatchResult:
@@ -91,6 +92,7 @@ class SimulatedExecutor:
         self._inflight: deque[tuple[MicroBatch, float, float]] = deque()
         self._stage_free = [0.0] * stages
         self.lose_pipeline: str | None = None  # set it to make the next collect report a lost pipeline
+        self.drop_on_rebuild: set[str] = set()  # sessions a rebuild cannot carry over
         self.rebuilds = 0
 
     def open(self, record: SessionRecord) -> None:
@@ -111,11 +113,13 @@ class SimulatedExecutor:
     def ready(self, session_id: str) -> bool:
         return True
 
-    def rebuild(self) -> None:
+    def rebuild(self) -> list[str]:
         self._inflight.clear()
-        self.open_sessions.clear()
         self._stage_free = [0.0] * self.depth
         self.rebuilds += 1
+        dropped = sorted(self.open_sessions & self.drop_on_rebuild)
+        self.open_sessions -= self.drop_on_rebuild
+        return dropped
 
     def submit(self, batch: MicroBatch) -> None:
         if len(self._inflight) >= self.depth:

@@ -180,18 +180,34 @@ class LocalExecutor:
                 return
         self._free(stream)
 
-    def rebuild(self) -> None:
-        """The pipeline's stages are gone: forget what was in flight and every stream (the engine
-        ended their sessions), then start fresh stages."""
+    def rebuild(self) -> list[str]:
+        """The pipeline's stages are gone: forget what was in flight, start fresh stages and carry
+        every stream over (`BlockRunner.resume`: same rows, prompts re-sent, caches re-filled from
+        the clean latents kept). Returns the sessions that could not be carried over (dropped
+        here; the engine ends them): stream-batched ones, whose lanes cached noisy K/V."""
         with self._lock:
-            streams = [*self.streams.values(), *self._closing]
-            self.streams.clear()
-            self._closing.clear()
+            streams = dict(self.streams)
+            self._closing.clear()  # their rows went with the old pipeline
             self._busy.clear()
             self._inflight.clear()
-        for stream in streams:
-            self._free(stream)
-        self.pipeline.rebuild_runner()
+        try:
+            self.pipeline.rebuild_runner()
+        except BaseException:
+            with self._lock:
+                self.streams.clear()
+            raise
+        runner, prompts, dropped = self.pipeline.runner, {}, []
+        for sid, stream in streams.items():
+            try:
+                if len(stream.lanes) > 1:
+                    raise ValueError("stream-batched lanes cache noisy K/V, which cannot be re-filled")
+                runner.resume(stream.lanes[0], prompts)
+            except (RuntimeError, ValueError):
+                dropped.append(sid)
+                with self._lock:
+                    self.streams.pop(sid, None)
+                stream.video.release()
+        return dropped
 
     def _free(self, stream: _Stream) -> None:
         for st in stream.lanes[1:]:

@@ -87,9 +87,9 @@ def test_a_killed_stage_actor_fails_its_pipeline_by_name(cluster: Cluster) -> No
 
 def test_killing_a_stage_actor_mid_stream_fails_over_only_its_replica(cluster: Cluster) -> None:
     """Two replicas of two Ray stages each, one live stream on each. A stage actor of replica 0
-    is killed mid-stream: its session gets `degraded` (what: pipeline) then fails with the reason;
-    replica 0 is rebuilt on new actors and serves a new session; replica 1's stream never notices
-    and its frames equal a single-process run."""
+    is killed mid-stream: its session gets `degraded` (what: pipeline), replica 0 is rebuilt on new
+    actors, the session's cache is re-filled from its clean latents and it streams on to its last
+    frame (`recovered`); replica 1's stream never notices and equals a single-process run."""
     executors = [LocalExecutor(VideoPipeline.build(spec(), ParallelConfig(2, "ray", rebalance=False)
                                                    .build_runner)) for _ in range(2)]
     events: list[EngineEvent] = []
@@ -111,35 +111,44 @@ def test_killing_a_stage_actor_mid_stream_fails_over_only_its_replica(cluster: C
                for ex in executors]
     rs = ReplicaSet(engines)
     old_pids = list(executors[0].pipeline.runner.dit.stage_pids)  # type: ignore[attr-defined]
+    slo = SessionSLO(ttff_s=60.0, fps=16.0)
+
+    def run_to_end(*sids: str) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and any(rs.engine_of(s).sessions[s].state == "active"
+                                                  for s in sids):
+            time.sleep(0.1)
+
     rs.start()
     try:
-        slo = SessionSLO(ttff_s=60.0, fps=16.0)
         for i in range(2):
             rs.open_session(SessionRequest(f"s{i}", prompt="a red ball", seed=3, steps=2, slo=slo,
                                            duration_s=FRAMES / 16))
         assert [rs.replica_of("s0"), rs.replica_of("s1")] == [0, 1]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (
-                engines[1].sessions["s1"].state == "finished" and engines[0].sessions["s0"].state == "failed"
-                and not engines[0].rebuilding and engines[0].pipeline_failures == 1):
-            time.sleep(0.1)
-        s0 = engines[0].sessions["s0"]
-        assert s0.state == "failed" and "pipeline_failed" in str(s0.error) and "stage 1" in str(s0.error)
+        run_to_end("s0", "s1")
+        assert engines[0].pipeline_failures == 1 and engines[1].pipeline_failures == 0
         kinds = [e.kind for e in events if e.session_id == "s0"]
-        assert kinds.index("degraded") < kinds.index("failed")
+        assert kinds.index("degraded") < kinds.index("recovered")
+        degraded = next(e for e in events if e.kind == "degraded" and e.session_id == "s0")
+        assert degraded.data["what"] == "pipeline" and "stage 1" in str(degraded.data["reason"])
         assert any(e.kind == "pipeline_rebuilt" for e in events)
         assert executors[0].pipeline.runner.dit.stage_pids != old_pids  # type: ignore[attr-defined]
-        # The survivor: every frame, equal to one process.
         want = frames(VideoPipeline.build(spec()), 3)
-        got = np.concatenate(chunks["s1"])[:FRAMES]
-        assert engines[1].sessions["s1"].state == "finished" and engines[1].pipeline_failures == 0
-        assert np.abs(got.astype(int) - want).max() <= 1
-        # The rebuilt replica has the slack now and serves a new stream to the end.
+        # The survivor: every frame, equal to one process.
+        assert engines[1].sessions["s1"].state == "finished"
+        assert np.abs(np.concatenate(chunks["s1"])[:FRAMES].astype(int) - want).max() <= 1
+        # The resumed one: every frame; those before the loss equal one process (after it, its
+        # cache was re-filled in one pass, so they are close rather than equal).
+        assert engines[0].sessions["s0"].state == "finished"
+        got = np.concatenate(chunks["s0"])
+        assert len(got) >= FRAMES
+        first = len(chunks["s0"][0])
+        assert np.abs(got[:first].astype(int) - want[:first]).max() <= 1
+        # The rebuilt replica serves a new stream exactly.
         rs.open_session(SessionRequest("s2", prompt="a red ball", seed=3, steps=2, slo=slo,
                                        duration_s=FRAMES / 16))
         assert rs.replica_of("s2") == 0
-        while time.monotonic() < deadline and engines[0].sessions["s2"].state == "active":
-            time.sleep(0.1)
+        run_to_end("s2")
         assert engines[0].sessions["s2"].state == "finished"
         assert np.abs(np.concatenate(chunks["s2"])[:FRAMES].astype(int) - want).max() <= 1
     finally:

@@ -25,7 +25,7 @@ from torch import Tensor
 from rollcast.workers.causal_wan import CausalWanModel
 from rollcast.workers.dit_forward import DiTForward, ForwardHandle, KVWrite, LocalDiT
 from rollcast.workers.kv_cache import KVCachePool
-from rollcast.workers.prompt_kv import PromptHandle
+from rollcast.workers.prompt_kv import PromptHandle, PromptRef
 from rollcast.workers.sampler import FlowMatchSampler
 from rollcast.workers.stream_state import BlockInput, StreamState, Work
 
@@ -102,7 +102,7 @@ class BlockRunner:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
         clean = None
-        if self.policy.recache_on_prompt_switch:
+        if self.policy.recache_on_prompt_switch or self.dit.remote:
             c, _, h, w = self.block_shape
             clean = torch.zeros(c, self.pool.capacity, h, w, device=self.device)
         row = self.pool.allocate()
@@ -284,17 +284,75 @@ class BlockRunner:
         """One t=0 forward over each session's cached frames with its new prompt, rewriting their
         K/V (the frames attend to the sink and to each other); its output is not used."""
         frames = [self._recache_frames(s) for s in states]
-        slots = [[self.pool.slot_of(fr) for fr in fs] for fs in frames]
         for s in states:
             if s.pending_prompt is not None:
                 s.prompt, s.pending_prompt = s.pending_prompt, None
-        x = torch.stack([s.clean[:, sl] for s, sl in zip(states, slots, strict=True)])  # type: ignore[index]
+        latents = [self._clean_latents(s, fs) for s, fs in zip(states, frames, strict=True)]
+        return self._launch_clean(states, frames, latents, decode=False)
+
+    def _clean_latents(self, s: StreamState, frames: list[int]) -> tuple[Tensor, list[int]]:
+        """The clean latents [C, n, h, w] of cached frames and their RoPE positions."""
+        slots = [self.pool.slot_of(fr) for fr in frames]
+        return s.clean[:, slots], [s.slot_rope[i] for i in slots]  # type: ignore[index]
+
+    def _launch_clean(self, states: list[StreamState], frames: list[list[int]],
+                      latents: list[tuple[Tensor, list[int]]], *, decode: bool) -> PendingRun:
+        """A t=0 forward over clean latents of the given frames (with their RoPE positions),
+        rewriting their K/V; with `decode`, a decoding DiT also runs them through each row's VAE
+        decode stream."""
+        x = torch.stack([lat for lat, _ in latents])
         t = torch.zeros(x.shape[0], x.shape[2], device=self.device)
-        write = KVWrite(
-            rows=[s.row for s in states], frames=frames,
-            rope_positions=[[s.slot_rope[i] for i in sl] for s, sl in zip(states, slots, strict=True)],
-            new_block=[False] * len(states), grid_hw=self.grid_hw,
-        )
+        write = KVWrite(rows=[s.row for s in states], frames=frames, rope_positions=[r for _, r in latents],
+                        new_block=[False] * len(states), grid_hw=self.grid_hw)
+        rows = [s.row if decode and self.dit.decodes else -1 for s in states]
         handle = self.dit.launch(x, t, [s.prompt for s in states], write,
-                                 torch.zeros(len(states), device=self.device), [-1] * len(states))
+                                 torch.zeros(len(states), device=self.device), rows)
         return PendingRun(states, [Work.RECACHE] * len(states), [0.0] * len(states), x, handle)
+
+    # -- a rebuilt pipeline -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def resume(self, s: StreamState, prompts: dict[int, PromptHandle]) -> None:
+        """Carry a session over from a lost pipeline: the same cache row on this runner's DiT, its
+        prompts re-sent (`prompts` maps old prompt ids to new handles, shared across sessions),
+        and its cache re-filled by one t=0 forward over the clean latents of every cached frame.
+        The K/V come out close to, not equal to, the lost ones (those frames attended causally
+        when first cached). A decoding DiT's fresh VAE stream is warmed on the same latents, so
+        the next block decodes as a continuation."""
+        if s.frames_done and s.clean is None:
+            raise ValueError(f"session {s.session_id} kept no clean latents to re-fill its cache from")
+        self.pool.allocate(s.row)
+        self.dit.opened(s.row)
+        s.prompt = self._carry_prompt(s.prompt, prompts)
+        if s.pending_prompt is not None:
+            s.pending_prompt = self._carry_prompt(s.pending_prompt, prompts)
+        frames, latents = self._refill(s)
+        if frames:
+            recache = s.recache_pending  # a LongLive re-cache still due stays due
+            self.complete(self._launch_clean([s], [frames], [latents], decode=True))
+            s.recache_pending = recache
+
+    def _carry_prompt(self, old: PromptHandle, prompts: dict[int, PromptHandle]) -> PromptHandle:
+        if not isinstance(old, PromptRef):
+            return old  # K/V computed in this process: still valid
+        if old.prompt_id not in prompts:
+            if old.embedding is None:
+                raise ValueError("a prompt reference without its embedding cannot be re-sent")
+            prompts[old.prompt_id] = self.prompt_kv(old.embedding)
+        return prompts[old.prompt_id]
+
+    def _refill(self, s: StreamState) -> tuple[list[int], tuple[Tensor, list[int]]]:
+        """What re-fills a session's cache: every cached frame (sink and window) and, when its
+        finished block still awaits the context pass, that block's x0 too, since it was decoded
+        already (the context pass then writes those frames again, as it would have)."""
+        n, f = s.frames_done, self.frames_per_block
+        pending = s.next_work is Work.CONTEXT
+        total = n + (f if pending else 0)
+        sink, window = self.policy.sink_frames, self.policy.window_frames
+        frames = list(range(min(sink, n))) + list(range(max(sink, total - window), n))
+        clean, rope = self._clean_latents(s, frames)
+        if pending:
+            frames += list(range(n, total))
+            clean = torch.cat([clean, s.latent], dim=1)  # type: ignore[list-item]
+            rope = rope + list(range(s.block_rope_start, s.block_rope_start + f))
+        return frames, (clean, rope)

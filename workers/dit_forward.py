@@ -63,6 +63,9 @@ class DiTForward(Protocol):
     depth: int  # forwards that may be in flight at once (launched and not yet waited for)
     kv_bytes: int  # K/V memory of every layer, wherever it lives
     decodes: bool  # whether `launch` honours `decode_rows` (else the caller decodes x0 itself)
+    # Whether the layers (and their K/V) live elsewhere and can be lost with a stage: the runner
+    # then keeps each session's clean latents, to re-fill a rebuilt pipeline's caches from them.
+    remote: bool
 
     def prompt_kv(self, embedding: Tensor) -> PromptHandle:
         """What the runner hands back to `launch` for a prompt (text embedding [L, text_dim])."""
@@ -107,6 +110,7 @@ class LocalDiT:
 
     depth = 1
     decodes = False  # the caller decodes: it runs in this process anyway
+    remote = False
 
     def __init__(self, model: CausalWanModel, pool: KVCachePool) -> None:
         if pool.layers != model.layers:

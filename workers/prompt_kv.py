@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -56,6 +56,8 @@ class PromptRef:
     by. The stages drop their K/V once the driver's last reference to this object is gone."""
 
     prompt_id: int
+    # The text embedding it was made from (kept to re-send it to a rebuilt pipeline).
+    embedding: Tensor | None = field(default=None, repr=False)
 
 
 # What a block runner holds per session for its prompt: the K/V themselves, or a stage reference.
