@@ -3,10 +3,11 @@
 One concept per module; each exports `<name>` (the dispatcher), `<name>_ref` (pure torch, the
 semantics) and `<name>_triton` (the kernel launcher), all with the same signature. The dispatcher
 runs Triton on CUDA tensors and the reference elsewhere; `ROLLCAST_KERNELS=auto|triton|torch`
-overrides that (`dispatch.py`). Importing this package never needs triton.
+overrides that, and `GPU_ENABLED` (`dispatch.py`) switches single kernels off on GPUs. Importing
+this package never needs triton.
 """
 
-from rollcast.kernels.dispatch import ENV_VAR, kernel_mode, use_triton
+from rollcast.kernels.dispatch import ENV_VAR, GPU_ENABLED, kernel_mode, use_triton
 from rollcast.kernels.fp8_kv import FP8_DTYPE, FP8_MAX, fp8_dequantize, fp8_quantize
 from rollcast.kernels.kv_write import kv_cache_write, ring_slots
 from rollcast.kernels.modulate import adaln_modulate
@@ -17,6 +18,7 @@ __all__ = [
     "ENV_VAR",
     "FP8_DTYPE",
     "FP8_MAX",
+    "GPU_ENABLED",
     "adaln_modulate",
     "fp8_dequantize",
     "fp8_quantize",

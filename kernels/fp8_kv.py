@@ -131,10 +131,10 @@ def fp8_dequantize_triton(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.b
     return out
 
 
-def _use_triton_fp8(*tensors: Tensor) -> bool:
+def _use_triton_fp8(kernel: str, *tensors: Tensor) -> bool:
     """`use_triton`, except that `auto` keeps torch on GPUs older than sm89: Triton has no e4m3
     (fp8e4nv) there, while torch converts in software."""
-    if not use_triton(*tensors):
+    if not use_triton(*tensors, kernel=kernel):
         return False
     t = tensors[0]
     return not t.is_cuda or kernel_mode() == "triton" or torch.cuda.get_device_capability(t.device) >= (8, 9)
@@ -142,10 +142,10 @@ def _use_triton_fp8(*tensors: Tensor) -> bool:
 
 def fp8_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
     """Dispatcher: `fp8_quantize_triton` on CUDA sm89+ (or when forced), else `fp8_quantize_ref`."""
-    return fp8_quantize_triton(x) if _use_triton_fp8(x) else fp8_quantize_ref(x)
+    return fp8_quantize_triton(x) if _use_triton_fp8("fp8_quantize", x) else fp8_quantize_ref(x)
 
 
 def fp8_dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """Dispatcher: `fp8_dequantize_triton` on CUDA sm89+ (or when forced), else `fp8_dequantize_ref`."""
-    impl = fp8_dequantize_triton if _use_triton_fp8(q, scale) else fp8_dequantize_ref
+    impl = fp8_dequantize_triton if _use_triton_fp8("fp8_dequantize", q, scale) else fp8_dequantize_ref
     return impl(q, scale, dtype)

@@ -76,18 +76,23 @@ def kv_cache_write_ref(
     """
     t = _check(k_cache, v_cache, slot_frame, k, v, rows, frames, sink, window, k_scale, v_scale)
     slots = ring_slots(frames, sink, window) if slots is None else slots
-    tok = (slots[..., None] * t + torch.arange(t, device=slots.device)).flatten(1)
-    idx = (rows[:, None], tok)
+    # Indexed per (row, slot) on [R, C, T, ...] views: a whole frame per index, so no per-token
+    # index tensor is built (what made this slower than the inline code it replaced on CPU).
+    idx = (rows[:, None], slots)
+
+    def by_frame(x: Tensor) -> Tensor:
+        return x.unflatten(1, (-1, t))  # a view, also of the cache: index_put_ writes through
+
     if k_scale is not None and v_scale is not None:
         for cache, scales, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
             q, s = fp8_quantize_ref(x)
             # index_put_ has no float8 kernel on every backend; the bytes are what matter.
-            cache.view(torch.uint8).index_put_(idx, q.view(torch.uint8))
-            scales.index_put_(idx, s)
+            by_frame(cache.view(torch.uint8)).index_put_(idx, by_frame(q.view(torch.uint8)))
+            by_frame(scales).index_put_(idx, by_frame(s))
     else:
-        k_cache.index_put_(idx, k.to(k_cache.dtype))
-        v_cache.index_put_(idx, v.to(v_cache.dtype))
-    slot_frame.index_put_((rows[:, None], slots), frames.to(slot_frame.dtype))
+        by_frame(k_cache).index_put_(idx, by_frame(k.to(k_cache.dtype)))
+        by_frame(v_cache).index_put_(idx, by_frame(v.to(v_cache.dtype)))
+    slot_frame.index_put_(idx, frames.to(slot_frame.dtype))
 
 
 @triton_kernel
@@ -201,6 +206,6 @@ def kv_cache_write(
     v_scale: Tensor | None = None,
 ) -> None:
     """Dispatcher: `kv_cache_write_triton` on CUDA (or when forced), else `kv_cache_write_ref`."""
-    impl = kv_cache_write_triton if use_triton(k_cache, k) else kv_cache_write_ref
+    impl = kv_cache_write_triton if use_triton(k_cache, k, kernel="kv_cache_write") else kv_cache_write_ref
     impl(k_cache, v_cache, slot_frame, k, v, rows, frames, sink=sink, window=window, slots=slots,
          k_scale=k_scale, v_scale=v_scale)

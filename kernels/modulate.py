@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rollcast.kernels.dispatch import cdiv, next_pow2, per_frame, tl, triton_kernel, use_triton, warps_for
+from rollcast.kernels.dispatch import (
+    cdiv,
+    frame_mod,
+    next_pow2,
+    per_frame,
+    tl,
+    triton_kernel,
+    use_triton,
+    warps_for,
+)
 
 __all__ = ["adaln_modulate", "adaln_modulate_ref", "adaln_modulate_triton"]
 
@@ -25,13 +34,13 @@ def adaln_modulate_ref(
 ) -> Tensor:
     """x [B, F*T, D]; shift/scale [B, F, D] or [B, F, 1, D] -> [B, F*T, D] in `out_dtype` (x's).
 
-    The same float32 operations as WanBlock (`per_frame(norm1(x)) * (1 + scale) + shift`).
+    The float32 operations Wan does (`norm1(x)` per frame `* (1 + scale) + shift`).
     """
-    shift, scale = per_frame(shift, x, "shift"), per_frame(scale, x, "scale")
+    shift, scale = frame_mod(shift, x, "shift"), frame_mod(scale, x, "scale")
     b, n, d = x.shape
     f = shift.shape[1]
     y = F.layer_norm(x.float(), (d,), eps=eps).view(b, f, n // f, d)
-    y = y * (1 + scale.float()[:, :, None]) + shift.float()[:, :, None]
+    y = y * (1 + scale.float()) + shift.float()
     return y.view(b, n, d).to(out_dtype or x.dtype)
 
 
@@ -89,6 +98,7 @@ def adaln_modulate(
     x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None
 ) -> Tensor:
     """Dispatcher: `adaln_modulate_triton` on CUDA (or when forced), else `adaln_modulate_ref`."""
-    impl = adaln_modulate_triton if use_triton(x, shift, scale) else adaln_modulate_ref
+    triton = use_triton(x, shift, scale, kernel="adaln_modulate")
+    impl = adaln_modulate_triton if triton else adaln_modulate_ref
     return impl(x, shift, scale, eps, out_dtype)
 

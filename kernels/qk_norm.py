@@ -61,10 +61,12 @@ def qk_norm_rope_ref(
     order, as `RMSNorm.forward` then `apply_rope`, with one rounding to x's dtype at the end.
     """
     b, length, hd = _shapes(x, num_heads, cos, sin)
-    xf = x.float().reshape(b, length, num_heads * hd)
+    xf = x.float()
     if weight is not None:
+        xf = xf.reshape(b, length, num_heads * hd)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    xf = xf.view(b, length, num_heads, hd)
+    if xf.dim() == 3:  # (reshapes only when needed: each is a few microseconds on CPU's tiny tensors)
+        xf = xf.view(b, length, num_heads, hd)
     if cos is not None and sin is not None:
         pairs = xf.unflatten(-1, (-1, 2))
         x0, x1 = pairs[..., 0], pairs[..., 1]
@@ -161,5 +163,5 @@ def qk_norm_rope(
     eps: float = 1e-6,
 ) -> Tensor:
     """Dispatcher: `qk_norm_rope_triton` on CUDA (or when forced), else `qk_norm_rope_ref`."""
-    impl = qk_norm_rope_triton if use_triton(x) else qk_norm_rope_ref
+    impl = qk_norm_rope_triton if use_triton(x, kernel="qk_norm_rope") else qk_norm_rope_ref
     return impl(x, weight, cos, sin, num_heads=num_heads, eps=eps)

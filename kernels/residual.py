@@ -9,7 +9,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rollcast.kernels.dispatch import cdiv, next_pow2, per_frame, tl, triton_kernel, use_triton, warps_for
+from rollcast.kernels.dispatch import (
+    cdiv,
+    frame_mod,
+    next_pow2,
+    per_frame,
+    tl,
+    triton_kernel,
+    use_triton,
+    warps_for,
+)
 
 __all__ = ["gated_residual", "gated_residual_ref", "gated_residual_triton"]
 
@@ -24,10 +33,10 @@ def _check(x: Tensor, y: Tensor, out: Tensor | None) -> None:
 def gated_residual_ref(x: Tensor, y: Tensor, gate: Tensor, out: Tensor | None = None) -> Tensor:
     """x, y [B, F*T, D]; gate [B, F, D] or [B, F, 1, D] -> x + y * gate in x's dtype (into `out`)."""
     _check(x, y, out)
-    gate = per_frame(gate, x, "gate")
+    gate = frame_mod(gate, x, "gate")
     b, n, d = x.shape
     f = gate.shape[1]
-    res = x.float() + (y.float().view(b, f, n // f, d) * gate.float()[:, :, None]).view(b, n, d)
+    res = x.float() + (y.float().view(b, f, n // f, d) * gate.float()).view(b, n, d)
     if out is None:
         return res.to(x.dtype)
     return out.copy_(res)
@@ -82,5 +91,5 @@ def gated_residual_triton(x: Tensor, y: Tensor, gate: Tensor, out: Tensor | None
 
 def gated_residual(x: Tensor, y: Tensor, gate: Tensor, out: Tensor | None = None) -> Tensor:
     """Dispatcher: `gated_residual_triton` on CUDA (or when forced), else `gated_residual_ref`."""
-    impl = gated_residual_triton if use_triton(x, y, gate) else gated_residual_ref
+    impl = gated_residual_triton if use_triton(x, y, gate, kernel="gated_residual") else gated_residual_ref
     return impl(x, y, gate, out)

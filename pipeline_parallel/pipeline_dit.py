@@ -92,7 +92,7 @@ class PipelineDiT:
         self._decode_on_last = decodes and not decode_stage
         self.balance = StageBalance(list(ranges)) if auto_rebalance else None
         # What the stages hold for K/V, all layers together (the driver's pool holds none).
-        self.kv_bytes = 2 * pool.k.shape[1:].numel() * pool.k.element_size() * config.num_layers
+        self.kv_bytes = pool.nbytes_per_layer * config.num_layers
         self._proposed: list[range] | None = None  # new ranges the pipeline should move to
         self.rebalances = 0
         self.stage_pids: list[int | None] = []  # stage processes (mp, ray), for operators and tests

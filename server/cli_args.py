@@ -15,7 +15,14 @@ from rollcast.workers.checkpoint import infer_config
 from rollcast.workers.model_config import PRESETS, ModelConfig
 from rollcast.workers.model_files import ModelFiles
 from rollcast.workers.sampler import SAMPLERS, SamplerConfig
-from rollcast.workers.stream_generator import DTYPES, WorkerSpec, best_device, parse_dtype, parse_resolution
+from rollcast.workers.stream_generator import (
+    DTYPES,
+    KV_DTYPES,
+    WorkerSpec,
+    best_device,
+    parse_dtype,
+    parse_resolution,
+)
 
 
 def positive_int(text: str) -> int:
@@ -61,6 +68,9 @@ def add_model_args(p: argparse.ArgumentParser, *, checkpoint_help: str, policy: 
     p.add_argument("--frames-per-block", type=positive_int, help="latent frames per block")
     p.add_argument("--device", default=None, help="cpu or cuda (default: best available)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--kv-dtype", default=None, choices=KV_DTYPES,
+                   help="KV cache storage: bf16 = the model's dtype (default), fp8 = e4m3 with per-token "
+                        "scales, about half the cache memory (docs/benchmarking.md: its error)")
 
 
 def _default_sampler(policy: str, v2v: bool) -> str:
@@ -89,7 +99,7 @@ def worker_spec(args: argparse.Namespace, *, v2v: bool = False) -> WorkerSpec:
         config=cfg, policy=policy, sampler=sampler,
         resolution=parse_resolution(args.resolution) if args.resolution else cfg.default_resolution,
         max_sessions=1, device=device, dtype=parse_dtype(args.dtype, device),
-        checkpoint=args.checkpoint, lora=args.lora, frames_per_block=fpb,
+        checkpoint=args.checkpoint, lora=args.lora, frames_per_block=fpb, kv_dtype=args.kv_dtype,
     )
 
 

@@ -8,6 +8,10 @@ Numerics (reference/model.md section 10): sinusoid cos-then-sin computed in floa
 RMSNorm, modulation, RoPE and the residual stream in float32; linear layers and attention in
 the parameter dtype (bf16 on GPU).
 
+The float32 work between the matrix multiplies (adaLN modulation, gated residuals, q/k RMSNorm)
+goes through the dispatchers of `rollcast.kernels`: fused Triton kernels on GPUs, and on CPU
+their torch references, which are exactly the operations Wan does.
+
 A block's self-attention is delegated to an `attend(layer, q, k, v)` callable: the serving path
 passes `KVBatch.attend` (cache write + attention over sink and window); the test reference passes
 a masked full-sequence attention. Everything else is shared, so the two can only differ in how
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rollcast.kernels import adaln_modulate, gated_residual, qk_norm_rope
 from rollcast.workers.model_config import ModelConfig
 from rollcast.workers.prompt_kv import PromptBatch, PromptKV
 from rollcast.workers.rope import Rope3D
@@ -40,6 +45,9 @@ def sinusoidal_embedding(dim: int, t: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
+    """Wan's RMSNorm (float32). Holds the q/k norm weights; the model itself normalises through
+    `qk_norm_rope`, whose reference is this forward."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -73,14 +81,20 @@ class AttentionProjections(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        return x.to(self.q.weight.dtype).unflatten(-1, (self.num_heads, -1))
+    def _normed_heads(self, x: Tensor, norm: RMSNorm) -> Tensor:
+        """RMSNorm over the full dim in float32, as [B, L, H, D] in the linear's dtype. RoPE is
+        not fused here: its tables belong to the attend callable (`KVBatch.attend`), which
+        rotates q and k itself."""
+        if x.dim() == 2:  # a prompt's text [L, dim]; the kernel takes [B, L, dim]
+            return self._normed_heads(x[None], norm)[0]
+        return qk_norm_rope(x, norm.weight, None, None, num_heads=self.num_heads, eps=norm.eps)
 
     def project_q(self, x: Tensor) -> Tensor:
-        return self._heads(self.norm_q(_linear(self.q, x)))
+        return self._normed_heads(_linear(self.q, x), self.norm_q)
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._heads(self.norm_k(_linear(self.k, x))), self._heads(_linear(self.v, x))
+        v = _linear(self.v, x).unflatten(-1, (self.num_heads, -1))
+        return self._normed_heads(_linear(self.k, x), self.norm_k), v
 
     def project_out(self, out: Tensor) -> Tensor:
         """[B, L, H, D] -> [B, L, dim] float32."""
@@ -123,21 +137,14 @@ class WanBlock(nn.Module):
         self, x: Tensor, e0: Tensor, text_k: Tensor, text_v: Tensor, layer: int, attend: AttendFn
     ) -> Tensor:
         """x: [B, F*T, dim] float32; e0: [B, F, 6, dim] float32 (per-frame modulation)."""
-        b, n, d = x.shape
-        f = e0.shape[1]
         mod = (self.modulation.float()[:, None] + e0).chunk(6, dim=2)  # each [B, F, 1, dim]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-
-        def per_frame(t: Tensor) -> Tensor:
-            return t.view(b, f, n // f, d)
-
-        y = per_frame(self.norm1(x)) * (1 + scale_msa) + shift_msa
-        y = self.self_attn(y.view(b, n, d), layer, attend)
-        x = x + (per_frame(y) * gate_msa).view(b, n, d)
+        y = adaln_modulate(x, shift_msa, scale_msa, self.norm1.eps)
+        x = gated_residual(x, self.self_attn(y, layer, attend), gate_msa)
         x = x + self.cross_attn(self.norm3(x), text_k, text_v)
-        y = per_frame(self.norm2(x)) * (1 + scale_mlp) + shift_mlp
-        y = self.ffn(y.view(b, n, d).to(self.ffn[0].weight.dtype)).float()
-        return x + (per_frame(y) * gate_mlp).view(b, n, d)
+        # The FFN's input is rounded to its weights' dtype by the modulation itself.
+        y = adaln_modulate(x, shift_mlp, scale_mlp, self.norm2.eps, out_dtype=self.ffn[0].weight.dtype)
+        return gated_residual(x, self.ffn(y).float(), gate_mlp)
 
 
 class Head(nn.Module):
@@ -151,11 +158,8 @@ class Head(nn.Module):
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         """x: [B, F*T, dim]; e: [B, F, dim] (the time embedding, not its projection)."""
-        b, n, d = x.shape
-        f = e.shape[1]
         shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).chunk(2, dim=2)
-        y = self.norm(x).view(b, f, n // f, d) * (1 + scale) + shift
-        return _linear(self.head, y.view(b, n, d)).float()
+        return _linear(self.head, adaln_modulate(x, shift, scale, self.norm.eps)).float()
 
 
 class CausalWanModel(nn.Module):

@@ -15,6 +15,12 @@ attention call. Everything per step is a device op; no host sync.
 
 The pool is preallocated for `rows` sessions, so a session start allocates nothing and a session
 end frees a row, never device memory.
+
+`kv_dtype="fp8"` stores K/V as float8 e4m3 with one float32 scale per token and head
+(`k_scale`/`v_scale`, kernels/fp8_kv.py): about half the bytes of a bf16 cache, so about twice the
+sessions where the cache is what limits them (reference/performance.md section 4). Writes
+quantise; attention reads dequantise to the compute dtype. The error this adds to the model's
+outputs is measured by `rollcast.kernels.kv_error` (docs/benchmarking.md, "fp8 KV cache").
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rollcast.kernels import FP8_DTYPE, fp8_dequantize, kv_cache_write, qk_norm_rope
 from rollcast.workers.cache_policy import CachePolicy
-from rollcast.workers.rope import Rope3D, apply_rope
+from rollcast.workers.rope import Rope3D
+
+KV_DTYPES = (None, "fp8")  # None: K/V in the compute dtype (`dtype`)
 
 
 class CacheFullError(RuntimeError):
@@ -46,18 +55,30 @@ class KVCachePool:
         num_heads: int,
         head_dim: int,
         dtype: torch.dtype = torch.float32,
+        kv_dtype: str | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         if rows < 1:
             raise ValueError(f"KV cache pool needs at least one row, got {rows}")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be None (the compute dtype) or 'fp8', got {kv_dtype!r}")
+        self.kv_dtype = kv_dtype
         self.layers = layers
         self.rows = rows
         self.policy = policy
         self.tokens_per_frame = tokens_per_frame
         self.capacity = policy.capacity_frames
         shape = (len(layers), rows, self.capacity * tokens_per_frame, num_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        store = FP8_DTYPE if kv_dtype == "fp8" else dtype
+        self.k = torch.zeros(shape, dtype=store, device=device)
+        self.v = torch.zeros(shape, dtype=store, device=device)
+        # fp8 only: one float32 scale per token and head [L, rows, C*T, H]; a zero scale (never
+        # written) dequantises to zeros, like an empty bf16 slot.
+        self.k_scale: Tensor | None = None
+        self.v_scale: Tensor | None = None
+        if kv_dtype == "fp8":
+            self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
         # Absolute frame index held by each slot, per layer (sink refresh decides per layer).
         self.slot_frame = torch.full(
             (len(layers), rows, self.capacity), -1, dtype=torch.long, device=device
@@ -73,7 +94,22 @@ class KVCachePool:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        """Bytes of K/V (and fp8 scales): what the cache costs in device memory."""
+        return sum(t.nbytes for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None)
+
+    @property
+    def nbytes_per_layer(self) -> int:
+        """Device bytes one layer's K/V (and scales) take: what a stage holding it allocates."""
+        per = (t.shape[1:].numel() * t.element_size() for t in (self.k, self.v, self.k_scale, self.v_scale)
+               if t is not None)
+        return sum(per)
+
+    def _buffers(self) -> dict[str, Tensor]:
+        """Every per-layer buffer (leading axis: layer) by name, as `export_layer` names them."""
+        bufs = {"k": self.k, "v": self.v, "slot_frame": self.slot_frame, "block_slot": self.block_slot}
+        if self.k_scale is not None and self.v_scale is not None:
+            bufs.update(k_scale=self.k_scale, v_scale=self.v_scale)
+        return bufs
 
     @property
     def free_rows(self) -> int:
@@ -106,10 +142,10 @@ class KVCachePool:
     # -- moving layers between pipeline stages ------------------------------------------------
 
     def export_layer(self, layer: int) -> dict[str, Tensor]:
-        """Everything this pool holds for one layer, every row (for its new owner)."""
+        """Everything this pool holds for one layer, every row (for its new owner): K, V, the
+        slot bookkeeping and, for fp8, the scales (the bytes alone are meaningless without them)."""
         li = layer - self.layers.start
-        return {"k": self.k[li], "v": self.v[li], "slot_frame": self.slot_frame[li],
-                "block_slot": self.block_slot[li]}
+        return {name: buf[li] for name, buf in self._buffers().items()}
 
     def relayer(self, layers: range, imported: dict[int, dict[str, Tensor]]) -> None:
         """Hold `layers` from now on: keep the layers in both ranges, take the others from
@@ -117,18 +153,21 @@ class KVCachePool:
         missing = [i for i in layers if i not in self.layers and i not in imported]
         if missing:
             raise ValueError(f"relayering to {layers} needs the caches of layers {missing}")
-        shape = (len(layers), *self.k.shape[1:])
-        k, v = self.k.new_empty(shape), self.v.new_empty(shape)
-        slot_frame = self.slot_frame.new_empty((len(layers), *self.slot_frame.shape[1:]))
-        block_slot = self.block_slot.new_empty((len(layers), *self.block_slot.shape[1:]))
+        old = self._buffers()
+        for layer in layers:
+            if layer in imported and set(imported[layer]) != set(old):
+                # copy_ would convert bf16 into fp8 bytes (or back) without the scales.
+                raise ValueError(f"layer {layer}'s cache has {sorted(imported[layer])}, this pool holds "
+                                 f"{sorted(old)}: stages must agree on kv_dtype")
+        new = {name: buf.new_empty((len(layers), *buf.shape[1:])) for name, buf in old.items()}
         for new_i, layer in enumerate(layers):
             src = imported.get(layer) or self.export_layer(layer)
-            k[new_i].copy_(src["k"])
-            v[new_i].copy_(src["v"])
-            slot_frame[new_i].copy_(src["slot_frame"])
-            block_slot[new_i].copy_(src["block_slot"])
-        self.layers, self.k, self.v = layers, k, v
-        self.slot_frame, self.block_slot = slot_frame, block_slot
+            for name, buf in new.items():
+                buf[new_i].copy_(src[name])
+        self.layers = layers
+        self.k, self.v = new["k"], new["v"]
+        self.slot_frame, self.block_slot = new["slot_frame"], new["block_slot"]
+        self.k_scale, self.v_scale = new.get("k_scale"), new.get("v_scale")
 
     def slot_of(self, frame: int) -> int:
         sink, window = self.policy.sink_frames, self.policy.window_frames
@@ -150,7 +189,6 @@ class KVCachePool:
         policy); late RoPE ignores them and uses window-relative positions.
         """
         dev = self.device
-        t = self.tokens_per_frame
         if not rows or {len(frames), len(rope_positions), len(new_block)} != {len(rows)}:
             raise ValueError("a KV batch needs one frame list, position list and flag per row")
         if len({len(fs) for fs in frames}) != 1 or any(
@@ -189,14 +227,12 @@ class KVCachePool:
             self._written[r].update(sl)
         all_valid = self.policy.sink_refresh_threshold is None and all(
             len(self._written[r]) == self.capacity for r in rows)
-        offs = torch.arange(t, device=dev)
         return KVBatch(
             pool=self,
             rows=rows_t,
             row_slice=slice(rows[0], rows[0] + len(rows)) if contiguous else None,
             all_valid=all_valid,
             write_slot=write_slot,
-            write_tok=(write_slot[..., None] * t + offs).flatten(1),
             write_frame=write_frame,
             new_block=torch.tensor(new_block, dtype=torch.bool, device=dev),
             q_cos=q_cos,
@@ -215,7 +251,6 @@ class KVBatch:
     row_slice: slice | None  # rows as a contiguous range: read through views, no gather
     all_valid: bool  # every slot of every row holds a frame: no mask needed
     write_slot: Tensor  # [B, F]
-    write_tok: Tensor  # [B, F*T] token offsets inside a row
     write_frame: Tensor  # [B, F]
     new_block: Tensor  # [B] first forward of a new block (sink refresh decides then)
     q_cos: Tensor
@@ -224,7 +259,23 @@ class KVBatch:
     k_sin: Tensor | None
 
     def _rows(self, buf: Tensor) -> Tensor:
-        return buf[self.row_slice] if self.row_slice is not None else buf.index_select(0, self.rows)
+        if self.row_slice is not None:
+            return buf[self.row_slice]
+        if buf.dtype == FP8_DTYPE:
+            # index_select has no float8 kernel on every backend; the bytes are what matter.
+            return buf.view(torch.uint8).index_select(0, self.rows).view(FP8_DTYPE)
+        return buf.index_select(0, self.rows)
+
+    def _cached(self, li: int, tokens: int | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """This batch's rows of layer `li`'s cached K and V (the first `tokens` of each row, or
+        all), in the cache's dtype, or dequantised to `dtype` from fp8."""
+        pool = self.pool
+        cut = slice(None, tokens)
+        kc, vc = self._rows(pool.k[li, :, cut]), self._rows(pool.v[li, :, cut])
+        if pool.k_scale is not None and pool.v_scale is not None:
+            kc = fp8_dequantize(kc, self._rows(pool.k_scale[li, :, cut]), dtype)
+            vc = fp8_dequantize(vc, self._rows(pool.v_scale[li, :, cut]), dtype)
+        return kc, vc
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Write this block's K/V into the cache, then attend over the session's valid slots.
@@ -234,13 +285,13 @@ class KVBatch:
         pool = self.pool
         li = layer - pool.layers.start
         late = pool.policy.rope == "late"
-        q = apply_rope(q, self.q_cos, self.q_sin)
+        q = _rope(q, self.q_cos, self.q_sin)
         if not late:
-            k = apply_rope(k, self.q_cos, self.q_sin)
+            k = _rope(k, self.q_cos, self.q_sin)
         self._write(li, k, v)
-        kc, vc = self._rows(pool.k[li]), self._rows(pool.v[li])
+        kc, vc = self._cached(li, None, q.dtype)
         if late:
-            kc = apply_rope(kc, self.k_cos, self.k_sin)  # type: ignore[arg-type]
+            kc = _rope(kc, self.k_cos, self.k_sin)  # type: ignore[arg-type]
         mask = None
         if not self.all_valid:
             valid = self._rows(pool.slot_frame[li]) >= 0  # [B, C]
@@ -253,15 +304,16 @@ class KVBatch:
 
     def _write(self, li: int, k: Tensor, v: Tensor) -> None:
         pool = self.pool
+        # The ring slots `batch` worked out (what `ring_slots` would give), or the sink refresh's.
         slots = self.write_slot
-        tok = self.write_tok
         if pool.policy.sink_refresh_threshold is not None:
             slots = self._refresh_slots(li, k, v)
-            tok = slots * pool.tokens_per_frame + torch.arange(pool.tokens_per_frame, device=slots.device)
-        idx = (self.rows[:, None], tok)
-        pool.k[li].index_put_(idx, k.to(pool.k.dtype))
-        pool.v[li].index_put_(idx, v.to(pool.v.dtype))
-        pool.slot_frame[li].index_put_((self.rows[:, None], slots), self.write_frame)
+        kv_cache_write(
+            pool.k[li], pool.v[li], pool.slot_frame[li], k, v, self.rows, self.write_frame,
+            sink=pool.policy.sink_frames, window=pool.policy.window_frames, slots=slots,
+            k_scale=pool.k_scale[li] if pool.k_scale is not None else None,
+            v_scale=pool.v_scale[li] if pool.v_scale is not None else None,
+        )
 
     def _refresh_slots(self, li: int, k: Tensor, v: Tensor) -> Tensor:
         """StreamDiffusionV2 adaptive sink: a new frame unlike some sink frame replaces it.
@@ -271,13 +323,13 @@ class KVBatch:
         pool = self.pool
         sink, t = pool.policy.sink_frames, pool.tokens_per_frame
         rows = self.rows
-        ks = pool.k[li].index_select(0, rows)[:, : sink * t].unflatten(1, (sink, t)).flatten(3)
-        vs = pool.v[li].index_select(0, rows)[:, : sink * t].unflatten(1, (sink, t)).flatten(3)
+        # The sink frames as [B, sink, T, H*D] float32 (dequantised from fp8).
+        ks, vs = (c.float().unflatten(1, (sink, t)).flatten(3)
+                  for c in self._cached(li, sink * t, torch.float32))
         k_new = k.float().flatten(2).mean(1)[:, None]  # [B, 1, H*D]
         v_new = v.float().flatten(2).mean(1)[:, None]
         sim = 0.5 * (
-            F.cosine_similarity(k_new, ks.float().mean(2), dim=-1)
-            + F.cosine_similarity(v_new, vs.float().mean(2), dim=-1)
+            F.cosine_similarity(k_new, ks.mean(2), dim=-1) + F.cosine_similarity(v_new, vs.mean(2), dim=-1)
         )  # [B, sink]
         min_sim, least = sim.min(dim=1)
         sink_full = pool.slot_frame[li].index_select(0, rows)[:, sink - 1] >= 0
@@ -291,3 +343,8 @@ class KVBatch:
         decided = torch.where(self.new_block, chosen, current)
         pool.block_slot[li].index_put_((rows,), decided)
         return decided[:, None]
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on q or k [B, L, H, D] (float32 math, x's dtype out): the q/k kernel, norm switched off."""
+    return qk_norm_rope(x, None, cos, sin, num_heads=x.shape[2])

@@ -35,6 +35,9 @@ def parse_dtype(name: str | None, device: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
 
 
+KV_DTYPES = ("bf16", "fp8")  # --kv-dtype: bf16 = K/V in the model's dtype (bf16 on GPU), fp8 = e4m3
+
+
 def parse_resolution(text: str) -> tuple[int, int]:
     """'832x480' -> (832, 480)."""
     try:
@@ -57,6 +60,14 @@ class WorkerSpec:
     checkpoint: Path | None = None
     lora: Path | None = None
     seed: int = 0
+    # KV cache storage: None or "bf16" keeps K/V in `dtype`; "fp8" stores e4m3 with per-token-per-head
+    # scales, about half the cache memory of bf16 (docs/benchmarking.md has its error on outputs).
+    kv_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype (--kv-dtype) must be one of {', '.join(KV_DTYPES)}, "
+                             f"got {self.kv_dtype!r}")
 
 
 def build_model(spec: WorkerSpec, layers: range | None = None) -> CausalWanModel:
@@ -80,7 +91,8 @@ def build_pool(spec: WorkerSpec, layers: range) -> KVCachePool:
     return KVCachePool(
         layers=layers, rows=spec.max_sessions, policy=spec.policy,
         tokens_per_frame=cfg.tokens_per_frame(lh, lw), num_heads=cfg.num_heads,
-        head_dim=cfg.head_dim, dtype=spec.dtype, device=spec.device,
+        head_dim=cfg.head_dim, dtype=spec.dtype, kv_dtype="fp8" if spec.kv_dtype == "fp8" else None,
+        device=spec.device,
     )
 
 
