@@ -21,6 +21,7 @@ class ParallelConfig:
     # Finished blocks are decoded where x0 comes out: on the last stage, or on a stage of its own.
     decode_stage: bool = False
     ray_address: str | None = None  # the Ray cluster to join ("auto", ray://...); None: a local one
+    ray_resources: tuple[str, ...] = ()  # per rank, a custom Ray resource to place it by (GPU type)
 
     def __post_init__(self) -> None:
         if self.stages < 1:
@@ -30,8 +31,11 @@ class ParallelConfig:
         if self.decode_stage and not self.staged:
             raise ValueError("a decode stage needs a staged pipeline (--stages 2 or more, or --executor "
                              "mp or ray)")
-        if self.ray_address is not None and self.executor != "ray":
-            raise ValueError(f"a Ray address is for --executor ray, not {self.executor}")
+        if (self.ray_address is not None or self.ray_resources) and self.executor != "ray":
+            raise ValueError(f"--address and --ray-resources are for --executor ray, not {self.executor}")
+        if self.ray_resources and len(self.ray_resources) != self.stages + self.decode_stage:
+            raise ValueError(f"--ray-resources names {len(self.ray_resources)} resources for "
+                             f"{self.stages + self.decode_stage} pipeline ranks")
         if self.layer_ranges is not None and len(self.layer_ranges) != self.stages:
             raise ValueError(f"{len(self.layer_ranges)} layer ranges for {self.stages} stages")
 
@@ -57,7 +61,7 @@ class ParallelConfig:
         if self.executor == "ray":
             from rollcast.pipeline_parallel.ray_stages import RayConfig  # Ray loads slowly
 
-            ray = RayConfig(address=self.ray_address)
+            ray = RayConfig(address=self.ray_address, stage_resources=self.ray_resources)
         dit = start_pipeline(spec, self.ranges(spec.config.num_layers), self.executor, vae=vae,
                              decode_stage=self.decode_stage, ray=ray, auto_rebalance=self.rebalance)
         return runner_over(spec, dit)

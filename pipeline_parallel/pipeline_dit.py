@@ -97,6 +97,7 @@ class PipelineDiT:
         self.rebalances = 0
         self.stage_pids: list[int | None] = []  # stage processes (mp, ray), for operators and tests
         self.stage_actors: list[object] = []  # Ray actor handles (ray)
+        self.stage_nodes: list[str] = []  # Ray node ids the stages run on (ray)
         self.stage_log: deque[list[float]] = deque(maxlen=4096)  # recent forwards' stage seconds
 
     @property

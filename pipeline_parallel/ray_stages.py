@@ -31,6 +31,21 @@ class RayConfig:
     address: str | None = None  # "auto" or ray://...: join that cluster; None: start a local one
     namespace: str = "rollcast"
     placement_timeout_s: float = 300.0
+    # Per rank after the driver, a custom Ray resource its bundle asks one unit of (e.g.
+    # "gpu_h100", as the nodes of a GPU group advertise it): heterogeneous groups, with the
+    # layer split planned for their speeds (`rollcast partition`, --layer-ranges). Empty: any node.
+    stage_resources: tuple[str, ...] = ()
+
+    def bundles(self, ranks: int, gpus: int) -> list[dict[str, float]]:
+        if self.stage_resources and len(self.stage_resources) != ranks:
+            raise ValueError(f"{len(self.stage_resources)} stage resources for {ranks} pipeline ranks")
+        out = []
+        for i in range(ranks):
+            bundle = {"CPU": 1.0, **({"GPU": float(gpus)} if gpus else {})}
+            if self.stage_resources and self.stage_resources[i]:
+                bundle[self.stage_resources[i]] = 1.0
+            out.append(bundle)
+        return out
 
 
 def ensure_ray(config: RayConfig) -> None:
@@ -50,6 +65,9 @@ class StageActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def serve(self, plan: RingPlan, rank: int, world: int, init_method: str, threads: int) -> int:
         return serve_rank(plan, rank, world, init_method, threads)
 
@@ -58,10 +76,14 @@ def start_ray_pipeline(plan: RingPlan, config: RayConfig, *, auto_rebalance: boo
                        start_timeout_s: float) -> PipelineDiT:
     ensure_ray(config)
     gpus = 1 if plan.spec.device.startswith("cuda") else 0
-    bundle = {"CPU": 1.0, **({"GPU": float(gpus)} if gpus else {})}
-    pg = placement_group([bundle] * plan.ranks, strategy="PACK")
+    pg = placement_group(config.bundles(plan.ranks, gpus), strategy="PACK")
     try:
         ray.get(pg.ready(), timeout=config.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise RuntimeError(f"no room in the Ray cluster for a pipeline of {plan.ranks} ranks "
+                           f"{config.bundles(plan.ranks, gpus)} within {config.placement_timeout_s:g} s "
+                           f"(cluster: {ray.cluster_resources()})") from None
     except BaseException:
         remove_placement_group(pg)
         raise
@@ -69,7 +91,9 @@ def start_ray_pipeline(plan: RingPlan, config: RayConfig, *, auto_rebalance: boo
                                  scheduling_strategy=PlacementGroupSchedulingStrategy(
                                      pg, placement_group_bundle_index=i)).remote()
               for i in range(plan.ranks)]
-    pids = ray.get([a.pid.remote() for a in actors])  # before `serve` occupies them
+    # Asked before `serve` occupies them (an actor runs one call at a time).
+    pids = ray.get([a.pid.remote() for a in actors])
+    nodes = ray.get([a.node_id.remote() for a in actors])
     init_method = f"tcp://{ray.util.get_node_ip_address()}:{free_port('0.0.0.0')}"
     calls = [a.serve.remote(plan, r, plan.ranks + 1, init_method, 1) for r, a in enumerate(actors, 1)]
 
@@ -95,6 +119,7 @@ def start_ray_pipeline(plan: RingPlan, config: RayConfig, *, auto_rebalance: boo
                          start_timeout_s=start_timeout_s)
     dit.stage_actors = list(actors)
     dit.stage_pids = pids
+    dit.stage_nodes = nodes
     return dit
 
 

@@ -115,6 +115,9 @@ def add_parallel_args(p: argparse.ArgumentParser, *, stages: bool = True) -> Non
     p.add_argument("--address", default=None, metavar="auto|ray://HOST:PORT",
                    help="with --executor ray: the Ray cluster to join ('auto': the one this node "
                         "belongs to); default: start a local Ray instance")
+    p.add_argument("--ray-resources", default=None, metavar="gpu_h100,gpu_h100,gpu_l40s",
+                   help="with --executor ray: per pipeline rank (stages, then the decode stage), a "
+                        "custom Ray resource its actor needs, to pin stages to GPU groups")
     p.add_argument("--layer-ranges", default=None, metavar="0-9,10-29",
                    help="first-last layer of each stage (default: an even split; the block "
                         "scheduler rebalances online)")
@@ -130,4 +133,5 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
     stages = args.stages if ranges is None or args.stages != 1 else len(ranges)
     return ParallelConfig(stages=stages, executor=args.executor, layer_ranges=ranges,
                           rebalance=not args.no_rebalance, decode_stage=args.vae_stage,
-                          ray_address=args.address)
+                          ray_address=args.address,
+                          ray_resources=tuple(args.ray_resources.split(",")) if args.ray_resources else ())

@@ -15,6 +15,8 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from rollcast.pipeline_parallel.parallel_config import ParallelConfig  # noqa: E402
 from rollcast.pipeline_parallel.pipeline_dit import PipelineFailedError  # noqa: E402
+from rollcast.pipeline_parallel.ray_stages import RayConfig  # noqa: E402
+from rollcast.pipeline_parallel.stage_group import start_pipeline  # noqa: E402
 from rollcast.scheduler.clock import MonotonicClock  # noqa: E402
 from rollcast.scheduler.cost_model import CostModel  # noqa: E402
 from rollcast.scheduler.engine import Engine, EngineConfig  # noqa: E402
@@ -45,7 +47,7 @@ def cluster() -> Iterator[Cluster]:
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    c.add_node(num_cpus=2)
+    c.add_node(num_cpus=2, resources={"gpu_fast": 2})  # a "GPU group" of its own
     ray.init(address=c.address, log_to_driver=False)
     c.wait_for_nodes()
     try:
@@ -71,6 +73,17 @@ def test_ray_stages_match_one_process(cluster: Cluster) -> None:
         pipeline.shutdown()
     assert got.shape == want.shape == (FRAMES, 64, 64, 3)
     assert np.abs(got.astype(int) - want).max() <= 1
+
+
+def test_stage_resources_pin_stages_to_a_group_and_missing_ones_fail_clearly(cluster: Cluster) -> None:
+    worker_node = next(n["NodeID"] for n in ray.nodes() if n["Resources"].get("gpu_fast"))
+    dit = start_pipeline(spec().worker, [range(0, 2), range(2, 4)], "ray", auto_rebalance=False,
+                         ray=RayConfig(stage_resources=("gpu_fast", "gpu_fast")))
+    dit.close()
+    assert dit.stage_nodes == [worker_node, worker_node]
+    with pytest.raises(RuntimeError, match="no room in the Ray cluster"):
+        start_pipeline(spec().worker, [range(0, 2), range(2, 4)], "ray",
+                       ray=RayConfig(stage_resources=("gpu_h100", "gpu_h100"), placement_timeout_s=2.0))
 
 
 def test_a_killed_stage_actor_fails_its_pipeline_by_name(cluster: Cluster) -> None:
