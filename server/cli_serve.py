@@ -64,13 +64,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost-model", type=Path, default=None,
                    help="cost model JSON to use instead of profiling at start-up")
     p.add_argument("--save-cost-model", type=Path, default=None, help="write the profiled cost model here")
-    p.add_argument("--ice-server", action="append", default=[], help="STUN/TURN URL for WebRTC; repeatable")
+    p.add_argument("--ice-server", action="append", default=[],
+                   help="STUN/TURN server for WebRTC: stun:HOST:PORT, turn:HOST:PORT or "
+                        "turn:USER:CREDENTIAL@HOST:PORT; repeatable")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     if args.max_utilization > 1:
         raise ValueError(f"--max-utilization must lie in (0, 1], got {args.max_utilization}")
+    from rollcast.server.webrtc import ice_server  # aiortc loads slowly: only for serve
+
+    for url in args.ice_server:
+        ice_server(url)  # a malformed one fails here, before anything loads
     if args.cost_model is not None and not args.cost_model.is_file():
         raise ValueError(f"--cost-model {args.cost_model}: no such file")
     worker = worker_spec(args)

@@ -70,10 +70,30 @@ class GeneratedVideoTrack(MediaStreamTrack):
         return frame
 
 
+_ICE_SCHEMES = ("stun", "stuns", "turn", "turns")
+
+
+def ice_server(text: str) -> RTCIceServer:
+    """`--ice-server`: `stun:HOST[:PORT]`, `turn:HOST[:PORT][?transport=udp|tcp]`, or with TURN
+    credentials `turn:USER:CREDENTIAL@HOST[:PORT]` (the relay's long-term user; the URL handed
+    to ICE is the part after `@`)."""
+    scheme, sep, rest = text.partition(":")
+    if not sep or scheme not in _ICE_SCHEMES or not rest:
+        raise ValueError(f"ICE server must look like stun:HOST:PORT or turn:[USER:CREDENTIAL@]HOST:PORT, "
+                         f"got {text!r}")
+    if "@" not in rest:
+        return RTCIceServer(urls=text)
+    auth, _, host = rest.rpartition("@")
+    user, colon, credential = auth.partition(":")
+    if not scheme.startswith("turn") or not user or not colon or not credential or not host:
+        raise ValueError(f"credentials go with TURN only, as turn:USER:CREDENTIAL@HOST:PORT; got {text!r}")
+    return RTCIceServer(urls=f"{scheme}:{host}", username=user, credential=credential)
+
+
 class WebRTCTransport:
     def __init__(self, manager: SessionManager, *, ice_servers: list[str] | None = None) -> None:
         self.manager = manager
-        self.ice_servers = [RTCIceServer(urls=u) for u in (ice_servers or [])]
+        self.ice_servers = [ice_server(u) for u in (ice_servers or [])]
         self.peers: set[RTCPeerConnection] = set()
 
     async def answer(self, session: ServerSession, sdp: str, sdp_type: str) -> str:

@@ -144,3 +144,26 @@ def test_frame_queue_wakes_waiter_from_another_thread() -> None:
         return time.monotonic() - t0
 
     assert asyncio.run(run()) < 1.0
+
+
+@pytest.mark.parametrize(("text", "urls", "user", "credential"), [
+    ("stun:stun.example.org:3478", "stun:stun.example.org:3478", None, None),
+    ("turn:relay.example.org:3478?transport=tcp", "turn:relay.example.org:3478?transport=tcp", None, None),
+    ("turn:alice:s3cr:et@relay.example.org:3478", "turn:relay.example.org:3478", "alice", "s3cr:et"),
+    ("turns:bob:pw@relay.example.org:5349", "turns:relay.example.org:5349", "bob", "pw"),
+])
+def test_ice_server_urls_and_turn_credentials(text: str, urls: str, user: str | None,
+                                              credential: str | None) -> None:
+    from rollcast.server.webrtc import ice_server
+
+    server = ice_server(text)
+    assert (server.urls, server.username, server.credential) == (urls, user, credential)
+
+
+@pytest.mark.parametrize("text", ["relay.example.org:3478", "http://x", "turn:", "stun:u:p@host:3478",
+                                  "turn:alice@relay:3478", "turn:alice:@relay:3478"])
+def test_bad_ice_servers_are_refused(text: str) -> None:
+    from rollcast.server.webrtc import ice_server
+
+    with pytest.raises(ValueError, match=r"ICE server|TURN only"):
+        ice_server(text)
