@@ -474,7 +474,6 @@ def _command_lines() -> list[tuple[str, list[str]]]:
 
 
 COMMANDS = _command_lines()
-RAY_FLAGS = ("--address", "--replicas")
 
 
 @cache
@@ -503,32 +502,4 @@ def test_commands_found() -> None:
 def test_command_line_parses(source: str, argv: list[str]) -> None:
     assert argv[0] == "rollcast"
     error = _parse_error(argv[1:])
-    uses_ray = any(f in argv for f in RAY_FLAGS) or "ray" in argv
-    if error and uses_ray and _parse_error(["serve", "--executor", "ray", "--address", "auto",
-                                            "--replicas", "2"]):
-        # The Ray executor's flags land with issue 8's Ray work. Until the parser has them, the
-        # rest of the line must still parse; the test turns into a pass once they exist.
-        rest = _without_ray_flags(argv)
-        assert _parse_error(rest[1:]) is None, f"{source}: {shlex.join(rest)}: {_parse_error(rest[1:])}"
-        pytest.xfail(f"the serve parser does not know --executor ray/--address/--replicas yet: {error}")
     assert error is None, f"{source}: {shlex.join(argv)}: {error}"
-
-
-def _without_ray_flags(argv: list[str]) -> list[str]:
-    out: list[str] = []
-    skip = False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg in RAY_FLAGS or (arg == "--executor" and argv[i + 1 : i + 2] == ["ray"]):
-            skip = True
-        elif not arg.startswith(RAY_FLAGS):  # --address=auto
-            out.append(arg)
-    return out
-
-
-def test_without_ray_flags() -> None:
-    argv = ["rollcast", "serve", "--executor", "ray", "--address=auto", "--replicas", "2", "--stages", "2"]
-    assert _without_ray_flags(argv) == ["rollcast", "serve", "--stages", "2"]
-    mp = ["rollcast", "serve", "--executor", "mp"]
-    assert _without_ray_flags(mp) == mp
