@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", type=positive_int, default=1,
                    help="split the layers into this many contiguous stages and time each")
     p.add_argument("--executor", choices=EXECUTORS, default=None,
-                   help="run the stages for real: local (threads) or mp (one process each); default: "
-                        "one device, stage times cut from one forward")
+                   help="run the stages for real: local (threads), mp (one process each) or ray (one "
+                        "actor each); default: one device, stage times cut from one forward")
     p.add_argument("--vae", choices=VAE_KINDS, default=None, help="default: the model config's")
     p.add_argument("--mode", choices=MODES, default="t2v", help="v2v adds each block's input encode")
     p.add_argument("--iters", type=positive_int, default=5, help="measured blocks")
@@ -35,9 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="peak TFLOP/s for MFU (default: the GPU's spec sheet, else a measured matmul)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--kernels", action="store_true",
+                   help="instead: time each Triton kernel against its eager and torch.compile'd "
+                        "reference at the model's shapes (needs CUDA); decides kernels.dispatch.GPU_ENABLED")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kernels:
+        return _run_kernels(args)
     config = BenchConfig(
         worker=worker_spec(args, v2v=args.mode == "v2v"), vae=args.vae, mode=args.mode, steps=args.steps,
         batch=args.batch, stages=args.stages, executor=args.executor, iters=args.iters, warmup=args.warmup,
@@ -50,4 +55,32 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(format_summary(report), flush=True)
+    return 0
+
+
+def _run_kernels(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from rollcast.kernels.microbench import BenchShape, bench_kernels
+
+    if not torch.cuda.is_available():
+        raise ValueError("--kernels needs a CUDA device (the Triton interpreter's timings mean nothing)")
+    worker = worker_spec(args)
+    cfg = worker.config
+    lh, lw = cfg.latent_hw(*worker.resolution)
+    shape = BenchShape(batch=args.batch, frames=cfg.frames_per_block,
+                       tokens_per_frame=cfg.tokens_per_frame(lh, lw), num_heads=cfg.num_heads,
+                       head_dim=cfg.head_dim, sink=worker.policy.sink_frames,
+                       window=worker.policy.window_frames)
+    results = bench_kernels(shape, dtype=worker.dtype, iters=args.iters * 10)
+    kernels = {k: {m: (None if math.isnan(v) else v) for m, v in r.items()} for k, r in results.items()}
+    report = {"shape": shape.__dict__, "dtype": str(worker.dtype), "device": torch.cuda.get_device_name(),
+              "kernels": kernels}  # JSON has no NaN: a reference that did not compile is null
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    for name, r in results.items():
+        print(f"{name:>16}: triton {r['triton_ms']:.3f} ms, eager {r['eager_ms']:.3f} ms "
+              f"(x{r['speedup_vs_eager']:.2f}), compiled {r['compiled_ms']:.3f} ms", flush=True)
     return 0
