@@ -159,3 +159,9 @@ def test_bad_flags_are_argparse_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         main([*TINY, *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_kernel_microbench_needs_cuda(capsys):
+    assert main(["bench", "--kernels"]) == 2
+    assert "--kernels needs a CUDA device" in capsys.readouterr().err
