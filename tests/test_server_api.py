@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 
 from rollcast.server.background import BackgroundServer
-from tests.server_helpers import create, tiny_serve_config, ws_session
+from tests.server_helpers import create, fixed_cost_model, tiny_serve_config, ws_session
 
 FPS = 16.0
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[BackgroundServer]:
-    with BackgroundServer(tiny_serve_config()) as srv:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+    # A fixed cost model: a start-up profile on a busy machine may call every session infeasible.
+    cost = fixed_cost_model(tmp_path_factory.mktemp("api") / "cost.json")
+    with BackgroundServer(tiny_serve_config(cost_model=cost)) as srv:
         yield srv
 
 
