@@ -41,7 +41,9 @@ class RayConfig:
             raise ValueError(f"{len(self.stage_resources)} stage resources for {ranks} pipeline ranks")
         out = []
         for i in range(ranks):
-            bundle = {"CPU": 1.0, **({"GPU": float(gpus)} if gpus else {})}
+            # A GPU stage computes on its GPU: it takes no CPU slot (as vLLM's Ray workers do);
+            # a CPU stage computes on a core.
+            bundle = {"GPU": float(gpus)} if gpus else {"CPU": 1.0}
             if self.stage_resources and self.stage_resources[i]:
                 bundle[self.stage_resources[i]] = 1.0
             out.append(bundle)
@@ -76,18 +78,21 @@ def start_ray_pipeline(plan: RingPlan, config: RayConfig, *, auto_rebalance: boo
                        start_timeout_s: float) -> PipelineDiT:
     ensure_ray(config)
     gpus = 1 if plan.spec.device.startswith("cuda") else 0
-    pg = placement_group(config.bundles(plan.ranks, gpus), strategy="PACK")
+    bundles = config.bundles(plan.ranks, gpus)
+    if config.address is None:  # our own local instance: nothing will ever add room, so say so now
+        _check_room(bundles)
+    pg = placement_group(bundles, strategy="PACK")
     try:
         ray.get(pg.ready(), timeout=config.placement_timeout_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
-        raise RuntimeError(f"no room in the Ray cluster for a pipeline of {plan.ranks} ranks "
+        raise ValueError(f"no room in the Ray cluster for a pipeline of {plan.ranks} ranks "
                            f"{config.bundles(plan.ranks, gpus)} within {config.placement_timeout_s:g} s "
                            f"(cluster: {ray.cluster_resources()})") from None
     except BaseException:
         remove_placement_group(pg)
         raise
-    actors = [StageActor.options(num_cpus=1, num_gpus=gpus,
+    actors = [StageActor.options(num_cpus=0 if gpus else 1, num_gpus=gpus,
                                  scheduling_strategy=PlacementGroupSchedulingStrategy(
                                      pg, placement_group_bundle_index=i)).remote()
               for i in range(plan.ranks)]
@@ -121,6 +126,19 @@ def start_ray_pipeline(plan: RingPlan, config: RayConfig, *, auto_rebalance: boo
     dit.stage_pids = pids
     dit.stage_nodes = nodes
     return dit
+
+
+def _check_room(bundles: list[dict[str, float]]) -> None:
+    free = ray.available_resources()
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for key, amount in bundle.items():
+            need[key] = need.get(key, 0.0) + amount
+    short = {k: v for k, v in need.items() if free.get(k, 0.0) < v}
+    if short:
+        raise ValueError(f"the local Ray instance lacks room for a pipeline: it needs {need}, has "
+                           f"{ {k: free.get(k, 0.0) for k in need} } free (fewer --replicas or --stages, "
+                           f"or join a bigger cluster with --address)")
 
 
 def _remove(pg: PlacementGroup) -> None:

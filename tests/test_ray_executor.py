@@ -81,7 +81,7 @@ def test_stage_resources_pin_stages_to_a_group_and_missing_ones_fail_clearly(clu
                          ray=RayConfig(stage_resources=("gpu_fast", "gpu_fast")))
     dit.close()
     assert dit.stage_nodes == [worker_node, worker_node]
-    with pytest.raises(RuntimeError, match="no room in the Ray cluster"):
+    with pytest.raises(ValueError, match="no room in the Ray cluster"):
         start_pipeline(spec().worker, [range(0, 2), range(2, 4)], "ray",
                        ray=RayConfig(stage_resources=("gpu_h100", "gpu_h100"), placement_timeout_s=2.0))
 
