@@ -79,7 +79,7 @@ def start_ray_pipeline(plan: RingPlan, config: RayConfig, *, auto_rebalance: boo
     ensure_ray(config)
     gpus = 1 if plan.spec.device.startswith("cuda") else 0
     bundles = config.bundles(plan.ranks, gpus)
-    if config.address is None:  # our own local instance: nothing will ever add room, so say so now
+    if config.address is None:  # no cluster named (no autoscaler to add nodes): say so now
         _check_room(bundles)
     pg = placement_group(bundles, strategy="PACK")
     try:
@@ -136,7 +136,7 @@ def _check_room(bundles: list[dict[str, float]]) -> None:
             need[key] = need.get(key, 0.0) + amount
     short = {k: v for k, v in need.items() if free.get(k, 0.0) < v}
     if short:
-        raise ValueError(f"the local Ray instance lacks room for a pipeline: it needs {need}, has "
+        raise ValueError(f"no room in the Ray instance for a pipeline: it needs {need}, has "
                            f"{ {k: free.get(k, 0.0) for k in need} } free (fewer --replicas or --stages, "
                            f"or join a bigger cluster with --address)")
 

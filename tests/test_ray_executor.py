@@ -81,9 +81,14 @@ def test_stage_resources_pin_stages_to_a_group_and_missing_ones_fail_clearly(clu
                          ray=RayConfig(stage_resources=("gpu_fast", "gpu_fast")))
     dit.close()
     assert dit.stage_nodes == [worker_node, worker_node]
-    with pytest.raises(ValueError, match="no room in the Ray cluster"):
+    missing = ("gpu_h100", "gpu_h100")
+    with pytest.raises(ValueError, match=r"no room in the Ray instance .*'gpu_h100': 0\.0"):
         start_pipeline(spec().worker, [range(0, 2), range(2, 4)], "ray",
-                       ray=RayConfig(stage_resources=("gpu_h100", "gpu_h100"), placement_timeout_s=2.0))
+                       ray=RayConfig(stage_resources=missing))
+    # A named cluster may grow (an autoscaler): it waits for the placement, then says why not.
+    named = RayConfig(address=cluster.address, stage_resources=missing, placement_timeout_s=2.0)
+    with pytest.raises(ValueError, match=r"no room in the Ray cluster .* within 2 s"):
+        start_pipeline(spec().worker, [range(0, 2), range(2, 4)], "ray", ray=named)
 
 
 def test_a_killed_stage_actor_fails_its_pipeline_by_name(cluster: Cluster) -> None:
