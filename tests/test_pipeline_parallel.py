@@ -30,7 +30,7 @@ from rollcast.workers.cache_policy import CachePolicy
 from rollcast.workers.model_config import ModelConfig
 from rollcast.workers.sampler import SamplerConfig
 from rollcast.workers.stream_generator import WorkerSpec
-from rollcast.workers.video_pipeline import PipelineSpec, VideoPipeline, generate
+from rollcast.workers.video_pipeline import PipelineSpec, VideoPipeline, generate, run_block
 
 CFG = ModelConfig.preset("tiny")
 FRAMES = 21  # blocks of 9 + 12 frames
@@ -240,3 +240,30 @@ def test_simulated_pipeline_runs_stages_concurrently() -> None:
         return clock.now()
     one, four = finish_time(1), finish_time(4)
     assert 0.2 < four / one < 0.6
+
+
+def test_a_session_resumed_on_a_rebuilt_pipeline_streams_on_as_before() -> None:
+    """Lose the stages between blocks (the finished block still awaits its context pass), start
+    fresh ones and carry the session over: its cache is re-filled from the clean latents and its
+    decode stream warmed, so the next blocks decode as a continuation, within one level of a
+    run that never stopped."""
+    def blocks(pipeline: VideoPipeline, session, n: int) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+        return [session.decode(run_block(pipeline.runner, session.state)) for _ in range(n)]
+
+    pipeline = VideoPipeline.build(spec(), ParallelConfig(2, "local", rebalance=False).build_runner)
+    try:
+        s = pipeline.open("a", "p0", seed=1, num_steps=2)
+        want = blocks(pipeline, s, 5)
+        pipeline.close(s)
+        s = pipeline.open("b", "p0", seed=1, num_steps=2)
+        got = blocks(pipeline, s, 2)
+        old = pipeline.runner
+        pipeline.rebuild_runner()
+        assert pipeline.runner is not old and old.dit.closed  # type: ignore[attr-defined]
+        pipeline.runner.resume(s.state, {})
+        got += blocks(pipeline, s, 3)
+    finally:
+        pipeline.shutdown()
+    assert [len(b) for b in got] == [len(b) for b in want] == [9, 12, 12, 12, 12]
+    for g, w in zip(got, want, strict=True):
+        assert np.abs(g.astype(int) - w).max() <= 1
