@@ -13,6 +13,10 @@ thread; the engine's lock serialises them with the loop (never held during a for
 `push_input` wakes a loop that waits for a v2v session's input. The loop runs in its own thread
 (`start`) for serving, or is stepped directly (`tick`, `run_until`) on a fake clock by tests and
 the simulator.
+
+A result with `lost` set means the executor's pipeline lost a stage: the engine pauses its
+sessions (`degraded`, what: pipeline), has the executor `rebuild` on the next tick, and resumes
+them (`recovered`) or ends those the executor could not carry over.
 """
 
 from __future__ import annotations
@@ -86,8 +90,9 @@ class Engine:
         self.batches = 0
         self.batched_items = 0
         self.max_in_flight = 0  # the most micro-batches the executor held at once
-        # Fault recovery: a result reporting the pipeline lost ends its sessions; the loop then has
-        # the executor rebuild it. Meanwhile `rebuilding` is set and admission refuses newcomers.
+        # Fault recovery: a result reporting the pipeline lost pauses every session; the loop then
+        # has the executor rebuild it and carry them over. Meanwhile `rebuilding` is set and
+        # admission refuses newcomers (a replica set places them elsewhere).
         self.pipeline_failures = 0
         self.rebuilding = False
         self._lost: str | None = None

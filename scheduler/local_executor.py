@@ -187,14 +187,21 @@ class LocalExecutor:
         here; the engine ends them): stream-batched ones, whose lanes cached noisy K/V."""
         with self._lock:
             streams = dict(self.streams)
-            self._closing.clear()  # their rows went with the old pipeline
-            self._busy.clear()
+            for stream in self._closing:  # closed while the pipeline died: rows went with it
+                stream.video.release()
+            self._closing.clear()
             self._inflight.clear()
+            # Busy until carried over: a client's close meanwhile is deferred, as during a forward.
+            self._busy = dict.fromkeys(streams, 1)
         try:
             self.pipeline.rebuild_runner()
         except BaseException:
             with self._lock:
                 self.streams.clear()
+                self._busy.clear()
+                self._closing.clear()
+            for stream in streams.values():
+                stream.video.release()
             raise
         runner, prompts, dropped = self.pipeline.runner, {}, []
         for sid, stream in streams.items():
@@ -206,7 +213,9 @@ class LocalExecutor:
                 dropped.append(sid)
                 with self._lock:
                     self.streams.pop(sid, None)
+                    self._closing = [st for st in self._closing if st is not stream]
                 stream.video.release()
+        self._done_with(list(streams))  # frees the carried-over ones closed meanwhile
         return dropped
 
     def _free(self, stream: _Stream) -> None:
