@@ -30,11 +30,19 @@ from rollcast.pipeline_parallel.transport import free_port
 class RayConfig:
     address: str | None = None  # "auto" or ray://...: join that cluster; None: start a local one
     namespace: str = "rollcast"
-    placement_timeout_s: float = 300.0
+    # How long a pipeline's placement group may wait for room: a named cluster may be scaling up
+    # (default 300 s); without one only released resources can make room (default 30 s).
+    placement_timeout_s: float | None = None
     # Per rank after the driver, a custom Ray resource its bundle asks one unit of (e.g.
     # "gpu_h100", as the nodes of a GPU group advertise it): heterogeneous groups, with the
     # layer split planned for their speeds (`rollcast partition`, --layer-ranges). Empty: any node.
     stage_resources: tuple[str, ...] = ()
+
+    @property
+    def wait_s(self) -> float:
+        if self.placement_timeout_s is not None:
+            return self.placement_timeout_s
+        return 300.0 if self.address is not None else 30.0
 
     def bundles(self, ranks: int, gpus: int) -> list[dict[str, float]]:
         if self.stage_resources and len(self.stage_resources) != ranks:
@@ -79,15 +87,14 @@ def start_ray_pipeline(plan: RingPlan, config: RayConfig, *, auto_rebalance: boo
     ensure_ray(config)
     gpus = 1 if plan.spec.device.startswith("cuda") else 0
     bundles = config.bundles(plan.ranks, gpus)
-    if config.address is None:  # no cluster named (no autoscaler to add nodes): say so now
-        _check_room(bundles)
+    _check_room(bundles)
     pg = placement_group(bundles, strategy="PACK")
     try:
-        ray.get(pg.ready(), timeout=config.placement_timeout_s)
+        ray.get(pg.ready(), timeout=config.wait_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
         raise ValueError(f"no room in the Ray cluster for a pipeline of {plan.ranks} ranks "
-                           f"{config.bundles(plan.ranks, gpus)} within {config.placement_timeout_s:g} s "
+                           f"{config.bundles(plan.ranks, gpus)} within {config.wait_s:g} s "
                            f"(cluster: {ray.cluster_resources()})") from None
     except BaseException:
         remove_placement_group(pg)
@@ -129,16 +136,17 @@ def start_ray_pipeline(plan: RingPlan, config: RayConfig, *, auto_rebalance: boo
 
 
 def _check_room(bundles: list[dict[str, float]]) -> None:
-    free = ray.available_resources()
+    """Fail at once when the cluster as it is could never hold the pipeline (free or not)."""
+    total = ray.cluster_resources()
     need: dict[str, float] = {}
     for bundle in bundles:
         for key, amount in bundle.items():
             need[key] = need.get(key, 0.0) + amount
-    short = {k: v for k, v in need.items() if free.get(k, 0.0) < v}
+    short = {k: v for k, v in need.items() if total.get(k, 0.0) < v}
     if short:
-        raise ValueError(f"no room in the Ray instance for a pipeline: it needs {need}, has "
-                           f"{ {k: free.get(k, 0.0) for k in need} } free (fewer --replicas or --stages, "
-                           f"or join a bigger cluster with --address)")
+        raise ValueError(f"no room in the Ray cluster for a pipeline: it needs {need}, the cluster has "
+                           f"{ {k: total.get(k, 0.0) for k in need} } in all (fewer --stages, other "
+                           f"--ray-resources, or a bigger cluster)")
 
 
 def _remove(pg: PlacementGroup) -> None:

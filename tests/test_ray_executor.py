@@ -77,18 +77,20 @@ def test_ray_stages_match_one_process(cluster: Cluster) -> None:
 
 def test_stage_resources_pin_stages_to_a_group_and_missing_ones_fail_clearly(cluster: Cluster) -> None:
     worker_node = next(n["NodeID"] for n in ray.nodes() if n["Resources"].get("gpu_fast"))
-    dit = start_pipeline(spec().worker, [range(0, 2), range(2, 4)], "ray", auto_rebalance=False,
-                         ray=RayConfig(stage_resources=("gpu_fast", "gpu_fast")))
-    dit.close()
-    assert dit.stage_nodes == [worker_node, worker_node]
-    missing = ("gpu_h100", "gpu_h100")
-    with pytest.raises(ValueError, match=r"no room in the Ray instance .*'gpu_h100': 0\.0"):
-        start_pipeline(spec().worker, [range(0, 2), range(2, 4)], "ray",
-                       ray=RayConfig(stage_resources=missing))
-    # A named cluster may grow (an autoscaler): it waits for the placement, then says why not.
-    named = RayConfig(address=cluster.address, stage_resources=missing, placement_timeout_s=2.0)
-    with pytest.raises(ValueError, match=r"no room in the Ray cluster .* within 2 s"):
-        start_pipeline(spec().worker, [range(0, 2), range(2, 4)], "ray", ray=named)
+    ranges = [range(0, 2), range(2, 4)]
+    fast = RayConfig(stage_resources=("gpu_fast", "gpu_fast"), placement_timeout_s=2.0)
+    dit = start_pipeline(spec().worker, ranges, "ray", auto_rebalance=False, ray=fast)
+    try:
+        assert dit.stage_nodes == [worker_node, worker_node]
+        # The group exists but this pipeline holds all of it: the next one waits, then says why.
+        with pytest.raises(ValueError, match=r"no room in the Ray cluster .* within 2 s"):
+            start_pipeline(spec().worker, ranges, "ray", ray=fast)
+    finally:
+        dit.close()
+    # A group the cluster does not have at all fails at once.
+    missing = RayConfig(stage_resources=("gpu_h100", "gpu_h100"))
+    with pytest.raises(ValueError, match=r"no room in the Ray cluster .*'gpu_h100': 0\.0\} in all"):
+        start_pipeline(spec().worker, ranges, "ray", ray=missing)
 
 
 def test_a_killed_stage_actor_fails_its_pipeline_by_name(cluster: Cluster) -> None:
