@@ -12,7 +12,16 @@ from pathlib import Path
 import torch
 
 from rollcast import __version__
-from rollcast.server import cli_bench, cli_generate, cli_loadgen, cli_partition, cli_serve, cli_simulate
+from rollcast.server import (
+    cli_bench,
+    cli_eval_tiny,
+    cli_generate,
+    cli_loadgen,
+    cli_partition,
+    cli_serve,
+    cli_simulate,
+    cli_train_tiny,
+)
 from rollcast.server.cli_args import add_model_args, positive_int, worker_spec
 from rollcast.workers.causal_wan import CausalWanModel
 from rollcast.workers.checkpoint import (
@@ -128,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, checkpoint_help="model directory (as for generate); random weights if absent")
     cli_bench.add_arguments(p)
     p.set_defaults(func=cli_bench.run)
+
+    p = sub.add_parser("train-tiny", help="train the tiny default model on the shapes dataset (CPU)")
+    cli_train_tiny.add_arguments(p)
+    p.set_defaults(func=cli_train_tiny.run)
+
+    p = sub.add_parser("eval-tiny", help="score generated shapes videos with the colour/centroid detector")
+    cli_eval_tiny.add_arguments(p)
+    p.set_defaults(func=cli_eval_tiny.run)
 
     p = sub.add_parser("partition", help=cli_partition.HELP)
     cli_partition.add_arguments(p)

@@ -22,8 +22,14 @@ WAN_VAE_FILE = "Wan2.1_VAE.pth"
 TINY_VAE_FILES = ("taew2_1.safetensors", "taew2_1.pth", "safetensors/taew2_1.safetensors")
 TEXT_ENCODER_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIRS = ("google/umt5-xxl", "tokenizer")
+# The tiny model's trained word embedding (`tiny_text.py`), used instead of umT5 when present.
+WORD_TEXT_ENCODER_FILE = "tiny_text_encoder.safetensors"
 BASE_DIT_PREFIX = "diffusion_pytorch_model"
-_COMPONENT_NAMES = {WAN_VAE_FILE, TEXT_ENCODER_FILE, "taew2_1.safetensors", "taew2_1.pth"}
+# The trained tiny model shipped as package data (`rollcast train-tiny` wrote it; its
+# train_tiny.json says how): what the `tiny` preset loads when no checkpoint is given.
+SHIPPED_TINY_DIR = Path(__file__).resolve().parent / "tiny_default"
+_COMPONENT_NAMES = {WAN_VAE_FILE, TEXT_ENCODER_FILE, WORD_TEXT_ENCODER_FILE, "taew2_1.safetensors",
+                    "taew2_1.pth"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class ModelFiles:
     tiny_vae: Path | None = None
     text_encoder: Path | None = None
     tokenizer: Path | None = None
+    word_text_encoder: Path | None = None
 
     @classmethod
     def resolve(cls, path: str | Path) -> ModelFiles:
@@ -49,6 +56,7 @@ class ModelFiles:
             tiny_vae=_first(p, TINY_VAE_FILES),
             text_encoder=_first(p, (TEXT_ENCODER_FILE,)),
             tokenizer=next((p / d for d in TOKENIZER_DIRS if (p / d).is_dir()), None),
+            word_text_encoder=_first(p, (WORD_TEXT_ENCODER_FILE,)),
         )
 
     def vae(self, kind: str) -> Path:
@@ -59,6 +67,11 @@ class ModelFiles:
                                   f"directory")
         return found
 
+    def check_text(self) -> None:
+        """Raise unless the directory holds a usable text encoder (either kind)."""
+        if self.word_text_encoder is None:
+            self.text()
+
     def text(self) -> tuple[Path, Path]:
         """(encoder weights, tokenizer directory)."""
         if self.text_encoder is None:
@@ -68,6 +81,16 @@ class ModelFiles:
             raise CheckpointError(f"{self.root}: no tokenizer directory ({' or '.join(TOKENIZER_DIRS)}) "
                                   f"in the checkpoint directory")
         return self.text_encoder, self.tokenizer
+
+
+def shipped_checkpoint(config: ModelConfig) -> Path | None:
+    """The shipped model directory for `config`, if there is one: only the `tiny` preset's exact
+    shapes have trained weights in the package."""
+    from rollcast.workers.model_config import PRESETS
+
+    if config != PRESETS["tiny"] or not (SHIPPED_TINY_DIR / f"{BASE_DIT_PREFIX}.safetensors").is_file():
+        return None
+    return SHIPPED_TINY_DIR
 
 
 def _first(root: Path, names: tuple[str, ...]) -> Path | None:

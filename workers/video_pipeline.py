@@ -25,7 +25,7 @@ from torch import Tensor
 
 from rollcast.workers.block_runner import BlockRunner
 from rollcast.workers.checkpoint import CheckpointError
-from rollcast.workers.model_files import ModelFiles
+from rollcast.workers.model_files import ModelFiles, shipped_checkpoint
 from rollcast.workers.noise_controller import MotionNoiseController, NoiseControllerConfig
 from rollcast.workers.prompt_blend import PromptTransition, blend
 from rollcast.workers.prompt_cache import PromptEmbeddingCache
@@ -33,6 +33,7 @@ from rollcast.workers.prompt_kv import PromptHandle
 from rollcast.workers.stream_generator import WorkerSpec, build_runner
 from rollcast.workers.stream_state import BlockInput, StreamState
 from rollcast.workers.text_encoder import TextEncoder, TextEncoderConfig, UMT5TextEncoder
+from rollcast.workers.tiny_text import WordTextEncoder
 from rollcast.workers.vae import StreamingVAE, VaeSpec, video_frames
 from rollcast.workers.video_file import to_pixels, to_uint8
 
@@ -47,6 +48,9 @@ class PipelineSpec:
     prompt_cache_size: int = 64
     blend_method: str = "slerp"
     noise: NoiseControllerConfig = field(default_factory=NoiseControllerConfig)
+    # Without a checkpoint, the `tiny` preset loads its shipped trained weights; True keeps the
+    # seeded random weights instead (tests of the machinery, not of the model).
+    synthetic_weights: bool = False
 
     @property
     def vae_kind(self) -> str:
@@ -55,7 +59,9 @@ class PipelineSpec:
 
 def build_text_encoder(spec: WorkerSpec, files: ModelFiles | None) -> TextEncoder:
     cfg = spec.config
-    if files is not None and files.text_encoder is not None:
+    if files is not None and files.word_text_encoder is not None:
+        enc = WordTextEncoder.load(files.word_text_encoder, device=spec.device, dtype=spec.dtype)
+    elif files is not None and files.text_encoder is not None:
         weights, tokenizer = files.text()
         enc: TextEncoder = UMT5TextEncoder.from_wan_checkpoint(
             weights, tokenizer, device=spec.device, dtype=spec.dtype, text_len=cfg.text_len)
@@ -85,19 +91,23 @@ class VideoPipeline:
     @classmethod
     def build(cls, spec: PipelineSpec,
               runner_builder: Callable[[WorkerSpec, VaeSpec], BlockRunner] = build_runner) -> VideoPipeline:
-        """Random weights without a checkpoint; else every component from one model directory.
+        """Every component from one model directory: the checkpoint's, else the shipped one of the
+        `tiny` preset (unless `synthetic_weights`); random weights when there is neither.
         `runner_builder` makes the DiT's runner (a pipeline-parallel one splits it into stages and
         builds the same VAE where the blocks come out, to decode them there)."""
         w = spec.worker
         if spec.vae_kind not in ("wan", "tiny"):
             raise ValueError(f"unknown VAE {spec.vae_kind!r}; choose wan or tiny")
         files = None
-        if w.checkpoint is not None:
-            if not Path(w.checkpoint).is_dir():
-                raise CheckpointError(f"{w.checkpoint}: not a model directory (it must hold the DiT, "
+        checkpoint = w.checkpoint
+        if checkpoint is None and not spec.synthetic_weights and spec.vae_kind == "tiny":
+            checkpoint = shipped_checkpoint(w.config)  # it holds the tiny VAE only
+        if checkpoint is not None:
+            if not Path(checkpoint).is_dir():
+                raise CheckpointError(f"{checkpoint}: not a model directory (it must hold the DiT, "
                                       f"the VAE, the text encoder and its tokenizer)")
-            files = ModelFiles.resolve(w.checkpoint)
-            files.text()  # fail before the long loads if a part is missing
+            files = ModelFiles.resolve(checkpoint)
+            files.check_text()  # fail before the long loads if a part is missing
             files.vae(spec.vae_kind)
         vae_spec = VaeSpec(spec.vae_kind, w.config.vae_size,  # type: ignore[arg-type]
                            checkpoint=files.vae(spec.vae_kind) if files else None,

@@ -1,0 +1,48 @@
+"""`rollcast train-tiny`: train the tiny default model on the shapes dataset and write its model
+directory (DiT + config.json, tiny VAE, word text encoder) with `train_tiny.json` beside it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from rollcast.server.cli_args import positive_float, positive_int
+from rollcast.workers.tiny_training import TrainConfig, train_tiny
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=positive_float, default=None,
+                   help="wall-clock budget (a fifth for the VAE, the rest for the DiT); the step counts "
+                        "reached are recorded in train_tiny.json (default: run the step counts)")
+    p.add_argument("--vae-steps", type=positive_int, default=TrainConfig.vae_steps)
+    p.add_argument("--dit-steps", type=positive_int, default=TrainConfig.dit_steps)
+    p.add_argument("--clips", type=positive_int, default=TrainConfig.clips,
+                   help="dataset clips encoded for the DiT")
+    p.add_argument("--batch", type=positive_int, default=TrainConfig.batch)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out.exists() and any(args.out.iterdir()):
+        raise ValueError(f"--out {args.out}: exists and is not empty")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, dit_steps=args.dit_steps, clips=args.clips,
+                      batch=args.batch)
+
+    def log(record: dict[str, object]) -> None:
+        print(json.dumps(record), file=sys.stderr, flush=True)
+
+    command = shlex.join(["rollcast", "train-tiny", *sys.argv[2:]]) if len(sys.argv) > 1 else "train-tiny"
+    out = train_tiny(args.out, cfg, minutes=args.minutes, command=command, log=log)
+    record = json.loads((out / "train_tiny.json").read_text())
+    print(json.dumps({"written": str(out), "seed": args.seed, "vae_steps": record["vae_steps_done"],
+                      "dit_steps": record["dit_steps_done"], "seconds": record["seconds"]["total"]}))
+    return 0

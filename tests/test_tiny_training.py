@@ -1,0 +1,110 @@
+"""Training the tiny model: the word text encoder behind the TextEncoder interface, the
+teacher-forcing attention mask, a few VAE and DiT steps that reduce the loss on a fixed batch, and
+`rollcast train-tiny` writing a model directory the pipeline loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rollcast.server.cli import main
+from rollcast.workers.model_config import ModelConfig
+from rollcast.workers.shapes_dataset import VOCABULARY, ShapesDataset
+from rollcast.workers.text_encoder import TextEncoder
+from rollcast.workers.tiny_text import WordTextEncoder
+from rollcast.workers.tiny_training import (
+    LatentSet,
+    TrainConfig,
+    _clips_tensor,
+    dit_loss,
+    make_batch,
+    new_dit,
+    teacher_forcing_mask,
+    vae_loss,
+)
+from rollcast.workers.tiny_vae import TinyVAE, TinyVAEConfig
+
+SMALL = TrainConfig(width=64, height=64, clips=4, clip_latents=9, batch=2, window_blocks=2)
+
+
+def test_word_encoder_fits_the_tiny_model_and_zeroes_past_the_prompt(tmp_path: Path) -> None:
+    cfg = ModelConfig.preset("tiny")
+    enc = WordTextEncoder(VOCABULARY, cfg.text_dim, cfg.text_len)
+    assert isinstance(enc, TextEncoder)
+    out = enc.encode(["a red circle moving left slowly on a black background", "a  RED circle zebra"])
+    assert out.shape == (2, cfg.text_len, cfg.text_dim)
+    assert out[0, :10].abs().sum(-1).min() > 0 and out[0, 10:].abs().sum() == 0
+    assert out[1, 4:].abs().sum() == 0
+    # Spacing and case do not matter; an unknown word takes the unknown row, not a colour's.
+    np.testing.assert_array_equal(out[1, :3], out[0, :3])
+    assert not torch.equal(out[1, 3], out[0, 3])
+    back = WordTextEncoder.load(enc.save(tmp_path / "t.safetensors"))
+    assert back.vocabulary == enc.vocabulary
+    torch.testing.assert_close(back.encode(["a blue square"]), enc.encode(["a blue square"]))
+
+
+def test_teacher_forcing_mask_is_the_cache_view() -> None:
+    m = teacher_forcing_mask(blocks=3, fpb=2)  # frames: clean 0-5, noisy 6-11
+    assert m[2, :4].all() and not m[2, 4:].any()  # clean block 1: clean blocks 0-1
+    assert m[8, :2].all() and m[8, 8:10].all()  # noisy block 1: clean block 0 and itself
+    assert not m[8, 2:8].any() and not m[8, 10:].any()  # not its own clean copy, not others
+    assert m[6, 6:8].all() and not m[6, :6].any()  # noisy block 0: only itself
+
+
+def test_a_few_vae_steps_reduce_the_reconstruction_loss() -> None:
+    torch.manual_seed(0)
+    vae = TinyVAE(TinyVAEConfig.preset("small"))
+    vae.init_weights(torch.Generator().manual_seed(0))
+    cfg = TrainConfig(width=64, height=64, latent_noise=0.0)
+    video = _clips_tensor(ShapesDataset(0, 64, 64), [0, 1], 5)
+    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    with torch.no_grad():
+        before = vae_loss(vae, video, cfg).item()
+    for _ in range(12):
+        opt.zero_grad()
+        vae_loss(vae, video, cfg).backward()
+        opt.step()
+    with torch.no_grad():
+        after = vae_loss(vae, video, cfg).item()
+    assert after < 0.7 * before
+
+
+def test_a_few_dit_steps_reduce_the_flow_loss() -> None:
+    g = torch.Generator().manual_seed(0)
+    data = LatentSet(torch.randn(4, 16, 9, 8, 8, generator=g).half(),
+                     [ShapesDataset(0).clip(i).prompt for i in range(4)])
+    model, text = new_dit(SMALL)
+    model.train().requires_grad_(True)
+    batch = make_batch(data, SMALL, 3, torch.Generator().manual_seed(1))
+    assert batch.x.shape[2] == 2 * batch.target.shape[2]
+    params = [*model.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    with torch.no_grad():
+        before = dit_loss(model, text, batch).item()
+    for _ in range(8):
+        opt.zero_grad()
+        dit_loss(model, text, batch).backward()
+        opt.step()
+    with torch.no_grad():
+        after = dit_loss(model, text, batch).item()
+    assert after < 0.9 * before
+
+
+@pytest.mark.slow
+def test_train_tiny_writes_a_directory_the_pipeline_loads(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "m"
+    assert main(["train-tiny", "--out", str(out), "--seed", "3", "--vae-steps", "2", "--dit-steps", "2",
+                 "--clips", "2", "--batch", "1"]) == 0
+    info = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert info["dit_steps"] == 2 and info["seed"] == 3
+    record = json.loads((out / "train_tiny.json").read_text())
+    assert record["seed"] == 3 and "--dit-steps 2" in record["reproduce"]
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "a red circle moving left slowly on a "
+                 "black background", "--resolution", "64x64", "--frames", "9", "--steps", "1",
+                 "--no-progress", "-o", str(tmp_path / "a.npy")]) == 0
+    assert np.load(tmp_path / "a.npy").shape == (9, 64, 64, 3)
+    assert main(["train-tiny", "--out", str(out)]) == 2  # refuses to overwrite

@@ -1,0 +1,415 @@
+"""Training the tiny default model on the shapes dataset, on CPU: VAE, then text encoder + DiT.
+
+1. VAE (the `small` TinyVAE): reconstruction of dataset clips through the same whole-sequence
+   passes `encode`/`decode` run (front padding, MemBlock memory, trim), with object pixels weighted
+   up (a small object on a plain background is otherwise cheap to erase), a pull of the latents
+   toward zero mean and unit variance (the DiT's noise scale) and noise on the decoder's input (it
+   must decode the DiT's imperfect latents, not only the encoder's).
+2. Latents: a fixed set of clips is encoded once (fp16 in memory); DiT samples are windows of them.
+3. DiT + word text encoder, flow matching with teacher forcing through the real block-causal
+   attention. A sample holds the sink block (block 0) and `window_blocks` consecutive blocks from
+   anywhere in a clip, each twice: clean (t = 0, what the cache holds after Self-Forcing's context
+   pass) and noised at its own timestep. A clean block attends to the clean blocks up to itself,
+   a noisy block to the clean blocks before it and to itself, which is exactly what a block sees
+   through the rolling cache at inference. Window blocks sit at RoPE positions shifted by a random
+   offset (up to `max_position_offset` latent frames), so the sink-to-window distances of a long
+   stream with baked RoPE are in the training distribution.
+
+Timesteps follow the sampler's shifted schedule, with extra weight on t = 1000 (the one-step
+sampler's only step). Clean context is lightly noised: at inference it is the model's own output.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rollcast.workers.causal_wan import CausalWanModel
+from rollcast.workers.checkpoint import synthetic_model, write_checkpoint
+from rollcast.workers.model_config import ModelConfig
+from rollcast.workers.model_files import BASE_DIT_PREFIX, TINY_VAE_FILES, WORD_TEXT_ENCODER_FILE
+from rollcast.workers.prompt_kv import PromptBatch
+from rollcast.workers.rope import apply_rope
+from rollcast.workers.shapes_dataset import BACKGROUNDS, VOCABULARY, ShapesDataset
+from rollcast.workers.tiny_text import WordTextEncoder
+from rollcast.workers.tiny_vae import (
+    FRAMES_TO_TRIM,
+    TinyVAE,
+    TinyVAEConfig,
+    run_sequence,
+    write_tiny_vae_checkpoint,
+)
+
+Log = Callable[[dict[str, object]], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    width: int = 128
+    height: int = 128
+    # VAE
+    vae_steps: int = 1500
+    vae_batch: int = 4
+    vae_frames: int = 9  # 1 + 4k: three latents per clip
+    vae_lr: float = 2e-3
+    object_weight: float = 10.0
+    latent_noise: float = 0.1
+    # latent set
+    clips: int = 300
+    clip_latents: int = 18  # a whole number of blocks
+    # DiT
+    dit_steps: int = 3000
+    batch: int = 4
+    window_blocks: int = 5  # most consecutive blocks after the sink (the default cache's window)
+    lr: float = 1e-3
+    warmup: int = 50
+    ema: float = 0.99
+    shift: float = 5.0
+    one_step_share: float = 0.25  # samples whose blocks sit at t = 1000
+    context_noise: float = 0.05  # max σ of the noise on the clean context
+    max_position_offset: int = 1300  # latent frames (5000 video frames ≈ 1250)
+    # Wall-clock limits (seconds; None: only the step counts stop training).
+    vae_seconds: float | None = None
+    dit_seconds: float | None = None
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine to 10%. Flat during warm-up, so a time-limited run, which fixes
+    its step count from the speed of its first steps, follows the same schedule as a rerun given
+    that step count."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StepBudget:
+    """Total steps: given, or (with a time limit) fixed after `calibrate` steps from their speed."""
+
+    def __init__(self, steps: int, seconds: float | None, calibrate: int) -> None:
+        self.total = steps
+        self.seconds = seconds
+        self.calibrate = calibrate
+        self.t0 = time.monotonic()
+
+    def update(self, done: int) -> None:
+        if self.seconds is not None and done == self.calibrate:
+            per_step = (time.monotonic() - self.t0) / done
+            self.total = min(self.total, max(done, int(self.seconds / per_step)))
+
+
+def tiny_config() -> ModelConfig:
+    return ModelConfig.preset("tiny")
+
+
+def _clips_tensor(dataset: ShapesDataset, indices: list[int], frames: int) -> Tensor:
+    """Pixels [B, 3, T, H, W] in [-1, 1] of dataset clips, starting at a random-but-seeded frame."""
+    out = []
+    for i in indices:
+        start = int(np.random.default_rng([dataset.seed, i, 7]).integers(0, 200))
+        out.append(torch.from_numpy(dataset.frames(i, frames, start)))
+    x = torch.stack(out).permute(0, 4, 1, 2, 3).float()
+    return x / 127.5 - 1
+
+
+# -- VAE --------------------------------------------------------------------------------------------
+
+
+def vae_forward(vae: TinyVAE, video: Tensor, latent_noise: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Differentiable whole-sequence encode + decode (the passes `encode`/`decode` run without
+    gradients): pixels [B, 3, 1 + 4k, H, W] in [-1, 1] -> (reconstruction in [0, 1] laid out
+    [B, T, 3, H, W], latents [B*(1+k), z, h, w])."""
+    x, _ = vae._pixels_in(video, "train")
+    batch = x.shape[0]
+    z = run_sequence(vae.encoder, vae._fold(vae._front_pad(x)), batch)
+    noisy = z + latent_noise * torch.randn_like(z) if latent_noise else z
+    y = run_sequence(vae.decoder, noisy, batch)
+    y = y.reshape(batch, -1, *y.shape[1:])[:, FRAMES_TO_TRIM:]
+    return y, z
+
+
+def vae_loss(vae: TinyVAE, video: Tensor, cfg: TrainConfig) -> Tensor:
+    y, z = vae_forward(vae, video, cfg.latent_noise)
+    target = ((video + 1) / 2).permute(0, 2, 1, 3, 4)
+    # Object pixels: those unlike every background colour.
+    bg = torch.tensor(list(BACKGROUNDS.values()), dtype=target.dtype) / 255
+    dist = (target[..., None, :, :, :] - bg.view(1, 1, -1, 3, 1, 1)).abs().sum(3).amin(2)
+    weight = 1 + cfg.object_weight * (dist > 0.1).to(target.dtype)[:, :, None]
+    rec = (weight * (y - target) ** 2).mean()
+    stats = z.mean() ** 2 + (z.std() - 1) ** 2
+    return rec + 0.01 * stats
+
+
+def train_vae(cfg: TrainConfig, log: Log | None = None) -> TinyVAE:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    vae = TinyVAE(TinyVAEConfig.preset("small"))
+    vae.init_weights(gen)
+    vae.train().requires_grad_(True)
+    data = ShapesDataset(cfg.seed, cfg.width, cfg.height)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
+    budget = StepBudget(cfg.vae_steps, cfg.vae_seconds, calibrate=min(10, cfg.vae_steps))
+    t0 = time.monotonic()
+    step = 0
+    while step < budget.total:
+        for group in opt.param_groups:
+            group["lr"] = cfg.vae_lr * lr_factor(step, budget.total, 10)
+        idx = [1_000_000 + step * cfg.vae_batch + j for j in range(cfg.vae_batch)]
+        loss = vae_loss(vae, _clips_tensor(data, idx, cfg.vae_frames), cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        budget.update(step)
+        if log and (step % 50 == 1 or step == budget.total):
+            log({"phase": "vae", "step": step, "of": budget.total, "loss": round(loss.item(), 5),
+                 "seconds": round(time.monotonic() - t0, 1)})
+    vae.steps_done = step  # type: ignore[attr-defined]
+    return vae.eval().requires_grad_(False)
+
+
+# -- latent set ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatentSet:
+    latents: Tensor  # [N, z, L, h, w] float16
+    prompts: list[str]
+
+
+@torch.no_grad()
+def encode_clips(vae: TinyVAE, cfg: TrainConfig, batch: int = 8) -> LatentSet:
+    data = ShapesDataset(cfg.seed, cfg.width, cfg.height)
+    frames = 1 + 4 * (cfg.clip_latents - 1)
+    out, prompts = [], []
+    for s in range(0, cfg.clips, batch):
+        idx = list(range(s, min(s + batch, cfg.clips)))
+        video = torch.stack([torch.from_numpy(data.frames(i, frames)) for i in idx])
+        video = video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        out.append(vae.encode(video).half())
+        prompts += [data.clip(i).prompt for i in idx]
+    return LatentSet(torch.cat(out), prompts)
+
+
+# -- DiT ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherForcingBatch:
+    """One training batch: clean then noisy copies of the chosen blocks, per-frame t, RoPE
+    positions, the target flow of the noisy half and the attention mask over frames."""
+
+    x: Tensor  # [B, C, 2n, h, w]
+    t: Tensor  # [B, 2n]
+    positions: Tensor  # [B, 2n]
+    target: Tensor  # [B, C, n, h, w]
+    frame_mask: Tensor  # [2n, 2n] bool
+    prompts: list[str]
+
+
+def teacher_forcing_mask(blocks: int, fpb: int) -> Tensor:
+    """Frame-level mask over [clean blocks, noisy blocks]: clean i sees clean j <= i; noisy i sees
+    clean j < i and noisy i."""
+    n = blocks * fpb
+    allowed = torch.zeros(2 * n, 2 * n, dtype=torch.bool)
+    for i in range(blocks):
+        rows = slice(i * fpb, (i + 1) * fpb)
+        allowed[rows, : (i + 1) * fpb] = True
+        noisy = slice(n + i * fpb, n + (i + 1) * fpb)
+        allowed[noisy, : i * fpb] = True
+        allowed[noisy, noisy] = True
+    return allowed
+
+
+def sample_sigmas(n: int, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
+    u = torch.rand(n, generator=gen, dtype=torch.float64)
+    sigma = cfg.shift * u / (1 + (cfg.shift - 1) * u)
+    one = torch.rand(n, generator=gen) < cfg.one_step_share
+    return torch.where(one, torch.ones_like(sigma), sigma).float()
+
+
+def make_batch(data: LatentSet, cfg: TrainConfig, fpb: int, gen: torch.Generator) -> TeacherForcingBatch:
+    total_blocks = data.latents.shape[2] // fpb
+    xs, ts, ps, targets, prompts = [], [], [], [], []
+    # Half the batches use the shortest window (cheap, and most of what the first blocks learn
+    # from); the rest up to `window_blocks`, so the model sees as much context as the cache holds.
+    window = 2 if torch.rand(1, generator=gen).item() < 0.5 else int(
+        torch.randint(2, cfg.window_blocks + 1, (1,), generator=gen))
+    window = min(window, cfg.window_blocks, total_blocks - 1)
+    blocks = 1 + window
+    for _ in range(cfg.batch):
+        i = int(torch.randint(len(data.prompts), (1,), generator=gen))
+        s = int(torch.randint(1, total_blocks - window + 1, (1,), generator=gen))
+        chosen = [0, *range(s, s + window)]
+        frames = [b * fpb + f for b in chosen for f in range(fpb)]
+        x0 = data.latents[i][:, frames].float()
+        offset = 0
+        if s > 1 and torch.rand(1, generator=gen).item() < 0.5:
+            offset = int(torch.randint(cfg.max_position_offset, (1,), generator=gen))
+        pos = torch.tensor([f if f < fpb else f + offset for f in frames])
+        sigma = sample_sigmas(blocks, cfg, gen).repeat_interleave(fpb)
+        noise = torch.randn(x0.shape, generator=gen)
+        s_ = sigma.view(1, -1, 1, 1)
+        noisy = (1 - s_) * x0 + s_ * noise
+        ctx_sigma = cfg.context_noise * torch.rand(1, generator=gen).item()
+        clean = x0 + ctx_sigma * torch.randn(x0.shape, generator=gen)
+        xs.append(torch.cat([clean, noisy], 1))
+        ts.append(torch.cat([torch.zeros(len(frames)), sigma * 1000]))
+        ps.append(torch.cat([pos, pos]))
+        targets.append(noise - x0)
+        prompts.append(data.prompts[i])
+    return TeacherForcingBatch(torch.stack(xs), torch.stack(ts), torch.stack(ps), torch.stack(targets),
+                               teacher_forcing_mask(blocks, fpb), prompts)
+
+
+def prompt_batch(model: CausalWanModel, context: Tensor) -> PromptBatch:
+    """Cross-attention K/V of text rows [B, text_len, text_dim] with gradients (what
+    `CausalWanModel.prompt_kv` computes per prompt without them)."""
+    text = model.text_embedding(context)
+    ks, vs = zip(*(model.blocks[str(i)].cross_attn.text_kv(text) for i in model.layers), strict=True)
+    return PromptBatch(model.layers.start, torch.stack(ks), torch.stack(vs))
+
+
+def dit_flow(model: CausalWanModel, text: WordTextEncoder, batch: TeacherForcingBatch) -> Tensor:
+    """The model's flow prediction for the noisy half of a teacher-forcing batch."""
+    _, _, f, h, w = batch.x.shape
+    ph, pw = model.config.patch_size[1:]
+    gh, gw = h // ph, w // pw
+    tpf = gh * gw
+    mask = batch.frame_mask.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)
+    cos, sin = model.rope.cos_sin(batch.positions, gh, gw)
+
+    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask)
+        return out.transpose(1, 2)
+
+    prompts = prompt_batch(model, text.embed(batch.prompts))
+    v = model(batch.x, batch.t, prompts, attend)
+    return v[:, :, f // 2:]
+
+
+def dit_loss(model: CausalWanModel, text: WordTextEncoder, batch: TeacherForcingBatch) -> Tensor:
+    return F.mse_loss(dit_flow(model, text, batch), batch.target)
+
+
+@dataclass
+class DiTTraining:
+    model: CausalWanModel
+    text: WordTextEncoder
+    ema_model: CausalWanModel
+    ema_text: WordTextEncoder
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    steps: int = 0
+
+
+def new_dit(cfg: TrainConfig) -> tuple[CausalWanModel, WordTextEncoder]:
+    mc = tiny_config()
+    model = synthetic_model(mc, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return model, WordTextEncoder(VOCABULARY, mc.text_dim, mc.text_len)
+
+
+def train_dit(data: LatentSet, cfg: TrainConfig, log: Log | None = None) -> DiTTraining:
+    model, text = new_dit(cfg)
+    model.train().requires_grad_(True)
+    text.train().requires_grad_(True)
+    run = DiTTraining(model, text, copy.deepcopy(model).requires_grad_(False),
+                      copy.deepcopy(text).requires_grad_(False))
+    params = [*model.parameters(), *text.parameters()]
+    ema_params = [*run.ema_model.parameters(), *run.ema_text.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    fpb = model.config.frames_per_block
+    budget = StepBudget(cfg.dit_steps, cfg.dit_seconds, calibrate=min(cfg.warmup, cfg.dit_steps))
+    t0 = time.monotonic()
+    avg = None
+    step = 0
+    while step < budget.total:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, budget.total, cfg.warmup)
+        loss = dit_loss(model, text, make_batch(data, cfg, fpb, gen))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        value = loss.item()
+        avg = value if avg is None else 0.95 * avg + 0.05 * value
+        step += 1
+        budget.update(step)
+        run.steps = step
+        if step % 25 == 1 or step == budget.total:
+            run.losses.append((step, round(avg, 5)))
+            if log:
+                log({"phase": "dit", "step": step, "of": budget.total, "loss": round(value, 5),
+                     "loss_avg": round(avg, 5), "seconds": round(time.monotonic() - t0, 1)})
+    model.eval().requires_grad_(False)
+    text.eval().requires_grad_(False)
+    return run
+
+
+# -- the model directory ------------------------------------------------------------------------------
+
+
+def write_trained_dir(out: str | Path, model: CausalWanModel, vae: TinyVAE, text: WordTextEncoder,
+                      record: dict[str, object]) -> Path:
+    """A model directory the existing loaders read: the DiT (+ config.json), the tiny VAE, the
+    word text encoder, and `train_tiny.json` (how it was made)."""
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(model.state_dict(), root / f"{BASE_DIT_PREFIX}.safetensors", "safetensors",
+                     config=model.config)
+    write_tiny_vae_checkpoint(vae, root / TINY_VAE_FILES[0])
+    text.save(root / WORD_TEXT_ENCODER_FILE)
+    (root / "train_tiny.json").write_text(json.dumps(record, indent=2) + "\n")
+    return root
+
+
+def train_tiny(out: str | Path, cfg: TrainConfig, *, minutes: float | None = None, command: str = "",
+               log: Log | None = None) -> Path:
+    """The whole recipe: VAE, latent set, DiT + text encoder; writes the model directory. With
+    `minutes`, the VAE gets a fifth of the time and the DiT what is left after encoding the clips
+    (less a margin for writing); the step counts reached are recorded."""
+    torch.manual_seed(cfg.seed)
+    t0 = time.monotonic()
+    if minutes is not None:
+        cfg = dataclasses.replace(cfg, vae_seconds=12.0 * minutes, vae_steps=10**9, dit_steps=10**9)
+    vae = train_vae(cfg, log)
+    vae_s = time.monotonic() - t0
+    data = encode_clips(vae, cfg)
+    enc_s = time.monotonic() - t0 - vae_s
+    if log:
+        std = data.latents.float().std().item()
+        log({"phase": "latents", "clips": len(data.prompts), "std": round(std, 4),
+             "seconds": round(enc_s, 1)})
+    if minutes is not None:
+        left = 60.0 * minutes - (time.monotonic() - t0) - 20.0
+        cfg = dataclasses.replace(cfg, dit_seconds=max(left, 1.0))
+    run = train_dit(data, cfg, log)
+    record = {
+        "command": command, "seed": cfg.seed, "config": asdict(cfg),
+        "vae_steps_done": vae.steps_done, "dit_steps_done": run.steps,  # type: ignore[attr-defined]
+        "seconds": {"vae": round(vae_s, 1), "latents": round(enc_s, 1),
+                    "total": round(time.monotonic() - t0, 1)},
+        # The same weights from fixed step counts (same seed; fp sums may differ across thread counts).
+        "reproduce": (f"rollcast train-tiny --out DIR --seed {cfg.seed} --vae-steps {vae.steps_done} "  # type: ignore[attr-defined]
+                      f"--dit-steps {run.steps} --clips {cfg.clips} --batch {cfg.batch}"),
+        "dit_loss_curve": run.losses, "torch": torch.__version__,
+    }
+    return write_trained_dir(out, run.ema_model, vae, run.ema_text, record)
