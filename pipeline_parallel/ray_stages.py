@@ -93,9 +93,8 @@ def start_ray_pipeline(plan: RingPlan, config: RayConfig, *, auto_rebalance: boo
         ray.get(pg.ready(), timeout=config.wait_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
-        raise ValueError(f"no room in the Ray cluster for a pipeline of {plan.ranks} ranks "
-                           f"{config.bundles(plan.ranks, gpus)} within {config.wait_s:g} s "
-                           f"(cluster: {ray.cluster_resources()})") from None
+        raise ValueError(f"no room in the Ray cluster for a pipeline of {plan.ranks} ranks {bundles} "
+                         f"within {config.wait_s:g} s (cluster: {ray.cluster_resources()})") from None
     except BaseException:
         remove_placement_group(pg)
         raise
@@ -103,11 +102,21 @@ def start_ray_pipeline(plan: RingPlan, config: RayConfig, *, auto_rebalance: boo
                                  scheduling_strategy=PlacementGroupSchedulingStrategy(
                                      pg, placement_group_bundle_index=i)).remote()
               for i in range(plan.ranks)]
-    # Asked before `serve` occupies them (an actor runs one call at a time).
-    pids = ray.get([a.pid.remote() for a in actors])
-    nodes = ray.get([a.node_id.remote() for a in actors])
-    init_method = f"tcp://{ray.util.get_node_ip_address()}:{free_port('0.0.0.0')}"
-    calls = [a.serve.remote(plan, r, plan.ranks + 1, init_method, 1) for r, a in enumerate(actors, 1)]
+
+    def kill() -> None:
+        for actor in actors:
+            ray.kill(actor)
+        _remove(pg)
+
+    try:
+        # Asked before `serve` occupies them (an actor runs one call at a time).
+        pids = ray.get([a.pid.remote() for a in actors])
+        nodes = ray.get([a.node_id.remote() for a in actors])
+        init_method = f"tcp://{ray.util.get_node_ip_address()}:{free_port('0.0.0.0')}"
+        calls = [a.serve.remote(plan, r, plan.ranks + 1, init_method, 1) for r, a in enumerate(actors, 1)]
+    except BaseException:
+        kill()
+        raise
 
     def liveness(rank: int) -> str | None:
         if not 1 <= rank <= len(calls):
@@ -123,9 +132,7 @@ def start_ray_pipeline(plan: RingPlan, config: RayConfig, *, auto_rebalance: boo
 
     def stop() -> None:
         ray.wait(calls, num_returns=len(calls), timeout=10)  # they end on the ring's stop
-        for actor in actors:
-            ray.kill(actor)
-        _remove(pg)
+        kill()
 
     dit = connect_driver(plan, init_method, liveness=liveness, on_close=stop, auto_rebalance=auto_rebalance,
                          start_timeout_s=start_timeout_s)
