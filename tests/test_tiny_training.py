@@ -4,6 +4,7 @@ teacher-forcing attention mask, a few VAE and DiT steps that reduce the loss on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,8 +24,11 @@ from rollcast.workers.tiny_training import (
     dit_loss,
     make_batch,
     new_dit,
+    reconstruction_loss,
     teacher_forcing_mask,
+    vae_colour_accuracy,
     vae_loss,
+    vae_pixel_weight,
 )
 from rollcast.workers.tiny_vae import TinyVAE, TinyVAEConfig
 
@@ -71,6 +75,32 @@ def test_a_few_vae_steps_reduce_the_reconstruction_loss() -> None:
     with torch.no_grad():
         after = vae_loss(vae, video, cfg).item()
     assert after < 0.7 * before
+
+
+def test_the_vae_loss_weights_object_pixels_and_colour_errors_up() -> None:
+    frames = ShapesDataset(0, 64, 64).frames(0, 3)
+    target = torch.from_numpy(frames).float().div(255).permute(0, 3, 1, 2)[None]  # [1, T, 3, H, W]
+    weight = vae_pixel_weight(target, 30.0)[0, :, 0]
+    bg = torch.from_numpy(np.abs(frames.astype(int) - frames[0, 0, 0]).sum(-1) == 0)
+    assert weight[bg].max() == 1 and weight[~bg].min() > 10 and bg.float().mean() > 0.8
+    # Decoding the object as a grey of its brightness (what the first run's VAE did) costs more
+    # than an error of the same mean size that keeps its hue.
+    grey = target.mean(2, keepdim=True).expand_as(target)
+    size = (target - grey).abs().mean(2, keepdim=True)
+    darker = (target - size).clamp(0, 1)
+    cfg = TrainConfig()
+    assert reconstruction_loss(grey, target, cfg) > 3 * reconstruction_loss(darker, target, cfg)
+    plain = dataclasses.replace(cfg, chroma_weight=0.0)
+    assert reconstruction_loss(grey, target, plain) < reconstruction_loss(grey, target, cfg)
+
+
+def test_vae_colour_accuracy_scores_reconstructions_with_the_detector() -> None:
+    vae = TinyVAE(TinyVAEConfig.preset("small"))
+    vae.init_weights(torch.Generator().manual_seed(0))
+    out = vae_colour_accuracy(vae.eval(), clips=2, frames=9)
+    assert 0 <= out["colour"] < 0.5  # random weights: at best a stray frame
+    assert set(out["per_colour"]) <= {"red", "green", "blue", "yellow", "cyan", "magenta", "white"}
+    assert out["object_mae"] > 20
 
 
 def test_a_few_dit_steps_reduce_the_flow_loss() -> None:
