@@ -68,9 +68,11 @@ class RingPlan:
     def stage(self, i: int) -> StageSpec:
         return StageSpec(self.spec, self.ranges, i, vae=self.vae, vae_stage=self.decode_stage)
 
-    def driver(self, transport: Transport, **kw: object) -> PipelineDiT:
+    def driver(self, transport: Transport, *, on_close: Callable[[], None],
+               auto_rebalance: bool) -> PipelineDiT:
         return PipelineDiT(transport, self.spec.config, build_pool(self.spec, range(0)), list(self.ranges),
-                           decodes=self.vae is not None, decode_stage=self.decode_stage, **kw)  # type: ignore[arg-type]
+                           decodes=self.vae is not None, decode_stage=self.decode_stage,
+                           on_close=on_close, auto_rebalance=auto_rebalance)
 
 
 def start_pipeline(spec: WorkerSpec, ranges: list[range], executor: StageExecutor = "local", *,

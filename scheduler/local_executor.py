@@ -332,8 +332,10 @@ class LocalExecutor:
                     outputs = []
                     for item, _ in f.plan:
                         failed[item.session_id] = f"{type(e).__name__}: {e}"
-                stage_s = getattr(f.pending.handle, "stage_s", None) or []
-                stages = {f"stage{i}": s for i, s in enumerate(stage_s)}
+                handle = f.pending.handle
+                stages = {f"stage{i}": s for i, s in enumerate(getattr(handle, "stage_s", None) or [])}
+                if getattr(handle, "decode_s", 0.0):  # decoded where the pipeline ends
+                    stages["decode"] = handle.decode_s  # type: ignore[attr-defined]
                 for (item, stream), x0 in zip(f.plan, outputs, strict=False):
                     try:
                         self._finish(stream, item, x0, frames)
