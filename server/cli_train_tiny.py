@@ -19,8 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=positive_float, default=None,
-                   help="wall-clock budget (a fifth for the VAE, the rest for the DiT); the step counts "
-                        "reached are recorded in train_tiny.json (default: run the step counts)")
+                   help="wall-clock budget (the VAE's steps or a quarter of it, the rest for the DiT); "
+                        "the step counts reached are recorded in train_tiny.json (default: run the step "
+                        "counts)")
     p.add_argument("--vae-steps", type=positive_int, default=TrainConfig.vae_steps)
     p.add_argument("--dit-steps", type=positive_int, default=TrainConfig.dit_steps)
     p.add_argument("--clips", type=positive_int, default=TrainConfig.clips,

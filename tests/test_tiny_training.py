@@ -77,6 +77,22 @@ def test_a_few_vae_steps_reduce_the_reconstruction_loss() -> None:
     assert after < 0.7 * before
 
 
+def test_vae_training_crops_are_object_centred_stride_aligned_windows() -> None:
+    data = ShapesDataset(5, 128, 128)
+    idx = list(range(40))
+    crops = _clips_tensor(data, idx, 5, crop=64)
+    full = _clips_tensor(data, idx, 5)
+    assert crops.shape == (40, 3, 5, 64, 64) and full.shape == (40, 3, 5, 128, 128)
+    for i in idx:
+        # The crop is the full clip's pixels at some 8-aligned offset...
+        offsets = [(y, x) for y in range(0, 65, 8) for x in range(0, 65, 8)
+                   if torch.equal(full[i, :, :, y:y + 64, x:x + 64], crops[i])]
+        assert offsets, i
+        # ...and holds object pixels in its middle frame (a background-only crop teaches no colour).
+        mid = crops[i, :, 2]
+        assert (mid - mid[:, :1, :1]).abs().sum(0).gt(0.1).float().mean() > 0.05, i
+
+
 def test_the_vae_loss_weights_object_pixels_and_colour_errors_up() -> None:
     frames = ShapesDataset(0, 64, 64).frames(0, 3)
     target = torch.from_numpy(frames).float().div(255).permute(0, 3, 1, 2)[None]  # [1, T, 3, H, W]

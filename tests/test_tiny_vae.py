@@ -300,7 +300,7 @@ def test_bad_checkpoints_are_named(tmp_path, vae):
     msg = str(err.value)
     assert "missing (1): decoder.7.conv.weight" in msg
     assert "unexpected (1): decoder.99.weight" in msg
-    assert "mis-shaped (1): decoder.22.weight (3, 4, 3, 3) != (3, 6, 3, 3)" in msg
+    assert "mis-shaped (1): decoder.22.weight (3, 4, 3, 3) != (3, 12, 3, 3)" in msg
     # A small-preset file does not fit the full model (and says so).
     with pytest.raises(CheckpointError, match="mis-shaped"):
         small_file = write_tiny_vae_checkpoint(vae, tmp_path / "s.pth")
