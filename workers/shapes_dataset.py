@@ -8,9 +8,9 @@ The prompt is built from the attributes ("a red circle moving left slowly on a b
 sometimes "... and a blue square moving up quickly ..."), and `parse_prompt` reads it back, so the
 detector (`shape_detector.py`) scores generated videos against the attributes a prompt asks for.
 
-Start positions are fixed by each object's direction (the far side of its path, on its own lane)
-up to a small jitter. That keeps the first frames nearly determined by the prompt, which is what a
-one-step sampler (it predicts the mean clip for a prompt) needs to draw a sharp object.
+A lone object starts at the centre, two on their own lanes (`start_point`), up to a small jitter.
+That keeps the first frames nearly determined by the prompt, which is what a one-step sampler (it
+predicts the mean clip for a prompt) needs to draw a sharp object.
 """
 
 from __future__ import annotations
@@ -122,15 +122,18 @@ def _reflect(p: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarra
 
 
 def start_point(clip: Clip, index: int) -> tuple[float, float]:
-    """Object `index`'s position at frame 0: a quarter of the way in from the side it leaves, on
-    lane (index + 1) / (n + 1) across its path, plus its jitter."""
+    """Object `index`'s position at frame 0: the middle of the frame along its motion, on lane
+    (index + 1) / (n + 1) across it, plus its jitter. A lone object starts at the centre whatever
+    its direction: the first block then depends on the prompt only through colour, shape and
+    background, and direction only has to move it, relative to where it already is (a DiT with
+    RoPE alone knows relative positions long before absolute ones; with direction-dependent
+    starts the first training run drew the mean of the four starts, a blob in the middle)."""
     obj = clip.objects[index]
     dx, dy = DIRECTIONS[obj.direction]
     lane = (index + 1) / (len(clip.objects) + 1)
     side = min(clip.width, clip.height)
-    # Along the motion: start 0.25 of the extent back from the centre (a full crossing ahead).
-    x = clip.width * (0.5 - 0.25 * dx) if dx else clip.width * lane
-    y = clip.height * (0.5 - 0.25 * dy) if dy else clip.height * lane
+    x = clip.width * 0.5 if dx else clip.width * lane
+    y = clip.height * 0.5 if dy else clip.height * lane
     return x + obj.jitter[0] * side, y + obj.jitter[1] * side
 
 
