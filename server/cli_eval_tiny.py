@@ -26,9 +26,6 @@ from rollcast.workers.tiny_eval import (
 )
 from rollcast.workers.video_pipeline import PipelineSpec, VideoPipeline
 
-# The resolution the tiny default was trained at (and `rollcast serve` streams on CPU).
-TRAINED_RESOLUTION = "128x128"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p, checkpoint_help="model directory to evaluate (default: the shipped tiny weights)")
@@ -89,8 +86,6 @@ def _v2v_eval(pipeline: VideoPipeline, args: argparse.Namespace) -> dict[str, ob
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.resolution is None:
-        args.resolution = TRAINED_RESOLUTION
     horizons = tuple(int(x) for x in args.horizons.split(",") if x.strip())
     worker = worker_spec(args, v2v=args.mode == "v2v")
     overrides = {k: v for k, v in (("sink_frames", args.sink_frames), ("window_frames", args.window_frames))

@@ -28,8 +28,6 @@ from rollcast.server.sessions import SessionDefaults
 from rollcast.workers.vae import VAE_KINDS
 from rollcast.workers.video_pipeline import PipelineSpec
 
-CPU_DEMO_RESOLUTION = (128, 128)
-
 
 def _port(text: str) -> int:
     value = positive_int(text)
@@ -83,10 +81,6 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     worker = dataclasses.replace(worker, max_sessions=args.max_sessions)
     parallel = parallel_config(args)
     parallel.ranges(worker.config.num_layers)  # a bad split fails before anything loads
-    if args.resolution is None and worker.config.name == "tiny" and worker.device == "cpu":
-        # The demo default on 2 CPU cores: at 256x256 one tiny stream cannot hold 16 fps, so
-        # admission would refuse every session; at 128x128 several fit.
-        worker = dataclasses.replace(worker, resolution=CPU_DEMO_RESOLUTION)
     return ServeConfig(
         pipeline=PipelineSpec(worker=worker, vae=args.vae), host=args.host, port=args.port,
         api_key=ServeConfig.api_key_from_env(args.api_key), policy=args.scheduler, max_batch=args.max_batch,

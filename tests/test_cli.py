@@ -79,5 +79,5 @@ def test_serve_config_defaults() -> None:
     cfg = cli_serve.serve_config(p.parse_args(["--device", "cpu"]))
     assert (cfg.host, cfg.port, cfg.policy) == ("127.0.0.1", 8000, "slo")
     assert cfg.pipeline.worker.config.name == "tiny"
-    assert cfg.pipeline.worker.resolution == cli_serve.CPU_DEMO_RESOLUTION
+    assert cfg.pipeline.worker.resolution == (128, 128)  # the shipped model's training size
     assert cfg.sessions.ttff_s == 2.0 and cfg.sessions.max_sessions_per_client == 4

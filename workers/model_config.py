@@ -93,7 +93,7 @@ PRESETS: dict[str, ModelConfig] = {
     # Small enough for CPU tests and the default demo on 2 cores; same structure and key names.
     "tiny": ModelConfig(
         dim=128, ffn_dim=256, num_heads=4, num_layers=4, freq_dim=64, text_dim=64, text_len=32,
-        default_resolution=(256, 256), vae_size="small", default_vae="tiny", text_encoder="tiny",
+        default_resolution=(128, 128), vae_size="small", default_vae="tiny", text_encoder="tiny",
         name="tiny",
     ),
     "wan-1.3b": ModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, name="wan-1.3b"),
