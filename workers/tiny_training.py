@@ -194,12 +194,15 @@ def train_vae(cfg: TrainConfig, log: Log | None = None) -> TinyVAE:
     vae.train().requires_grad_(True)
     data = ShapesDataset(cfg.seed, cfg.width, cfg.height)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
-    budget = StepBudget(cfg.vae_steps, cfg.vae_seconds, calibrate=min(30, cfg.vae_steps))
+    # Warm-up as long as the speed calibration, so a time-capped run and its fixed-step rerun follow
+    # the same schedule (lr_factor). The session-7 runs in docs/quality.md used a 10-step warm-up.
+    warmup = min(30, cfg.vae_steps)
+    budget = StepBudget(cfg.vae_steps, cfg.vae_seconds, calibrate=warmup)
     t0 = time.monotonic()
     step = 0
     while step < budget.total:
         for group in opt.param_groups:
-            group["lr"] = cfg.vae_lr * lr_factor(step, budget.total, 10)
+            group["lr"] = cfg.vae_lr * lr_factor(step, budget.total, warmup)
         idx = [1_000_000 + step * cfg.vae_batch + j for j in range(cfg.vae_batch)]
         loss = vae_loss(vae, _clips_tensor(data, idx, cfg.vae_frames, cfg.vae_crop), cfg)
         opt.zero_grad(set_to_none=True)
