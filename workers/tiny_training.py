@@ -187,7 +187,8 @@ def vae_loss(vae: TinyVAE, video: Tensor, cfg: TrainConfig) -> Tensor:
     return reconstruction_loss(y, target, cfg) + 0.01 * stats
 
 
-def train_vae(cfg: TrainConfig, log: Log | None = None) -> TinyVAE:
+def train_vae(cfg: TrainConfig, log: Log | None = None) -> tuple[TinyVAE, int]:
+    """The trained VAE (eval mode, frozen) and the steps it ran (a time limit may cut them)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     vae = TinyVAE(TinyVAEConfig.preset("small"))
     vae.init_weights(gen)
@@ -214,8 +215,7 @@ def train_vae(cfg: TrainConfig, log: Log | None = None) -> TinyVAE:
         if log and (step % 50 == 1 or step == budget.total):
             log({"phase": "vae", "step": step, "of": budget.total, "loss": round(loss.item(), 5),
                  "seconds": round(time.monotonic() - t0, 1)})
-    vae.steps_done = step  # type: ignore[attr-defined]
-    return vae.eval().requires_grad_(False)
+    return vae.eval().requires_grad_(False), step
 
 
 @torch.no_grad()
@@ -455,7 +455,7 @@ def train_tiny(out: str | Path, cfg: TrainConfig, *, minutes: float | None = Non
     t0 = time.monotonic()
     if minutes is not None:
         cfg = dataclasses.replace(cfg, vae_seconds=15.0 * minutes, dit_steps=10**9)
-    vae = train_vae(cfg, log)
+    vae, vae_steps = train_vae(cfg, log)
     vae_s = time.monotonic() - t0
     vae_colour = vae_colour_accuracy(vae)
     if log:
@@ -473,11 +473,11 @@ def train_tiny(out: str | Path, cfg: TrainConfig, *, minutes: float | None = Non
     run = train_dit(data, cfg, log)
     record = {
         "command": command, "seed": cfg.seed, "config": asdict(cfg),
-        "vae_steps_done": vae.steps_done, "dit_steps_done": run.steps,  # type: ignore[attr-defined]
+        "vae_steps_done": vae_steps, "dit_steps_done": run.steps,
         "seconds": {"vae": round(vae_s, 1), "latents": round(enc_s, 1),
                     "total": round(time.monotonic() - t0, 1)},
         # The same weights from fixed step counts (same seed; fp sums may differ across thread counts).
-        "reproduce": (f"rollcast train-tiny --out DIR --seed {cfg.seed} --vae-steps {vae.steps_done} "  # type: ignore[attr-defined]
+        "reproduce": (f"rollcast train-tiny --out DIR --seed {cfg.seed} --vae-steps {vae_steps} "
                       f"--dit-steps {run.steps} --clips {cfg.clips} --batch {cfg.batch}"),
         "vae_reconstruction": vae_colour, "dit_loss_curve": run.losses, "torch": torch.__version__,
     }
