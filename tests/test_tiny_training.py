@@ -14,7 +14,7 @@ import torch
 
 from rollcast.server.cli import main
 from rollcast.workers.model_config import ModelConfig
-from rollcast.workers.shapes_dataset import VOCABULARY, ShapesDataset
+from rollcast.workers.shapes_dataset import BACKGROUNDS, VOCABULARY, ShapesDataset, render, sample_clip
 from rollcast.workers.text_encoder import TextEncoder
 from rollcast.workers.tiny_text import WordTextEncoder
 from rollcast.workers.tiny_training import (
@@ -22,13 +22,16 @@ from rollcast.workers.tiny_training import (
     TrainConfig,
     _clips_tensor,
     dit_loss,
+    latent_object_mask,
     make_batch,
     new_dit,
     reconstruction_loss,
+    teacher_forcing_attention,
     teacher_forcing_mask,
     vae_colour_accuracy,
     vae_loss,
     vae_pixel_weight,
+    with_own_context,
 )
 from rollcast.workers.tiny_vae import TinyVAE, TinyVAEConfig
 
@@ -57,6 +60,31 @@ def test_teacher_forcing_mask_is_the_cache_view() -> None:
     assert m[8, :2].all() and m[8, 8:10].all()  # noisy block 1: clean block 0 and itself
     assert not m[8, 2:8].any() and not m[8, 10:].any()  # not its own clean copy, not others
     assert m[6, 6:8].all() and not m[6, :6].any()  # noisy block 0: only itself
+
+
+@pytest.mark.parametrize(("blocks", "fpb", "tpf", "batch"),
+                         [(3, 2, 4, 2), (6, 3, 5, 1), (1, 3, 2, 2), (4, 1, 3, 3)])
+def test_teacher_forcing_attention_equals_the_masked_full_attention(blocks: int, fpb: int, tpf: int,
+                                                                     batch: int) -> None:
+    g = torch.Generator().manual_seed(blocks * 10 + fpb)
+    length = 2 * blocks * fpb * tpf
+    q, k, v = (torch.randn(batch, length, 3, 8, generator=g) for _ in range(3))
+    mask = teacher_forcing_mask(blocks, fpb).repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+    torch.testing.assert_close(teacher_forcing_attention(q, k, v, blocks, fpb, tpf), ref)
+
+
+def test_latent_object_mask_marks_the_cells_an_object_covers_per_latent_frame() -> None:
+    clip = sample_clip(np.random.default_rng(5), 64, 64, two_objects=0.0)
+    pixels = render(clip, 0, 9)  # latents: frame 0 | frames 1-4 | frames 5-8
+    pixels[5:] = BACKGROUNDS[clip.background]  # the object leaves after frame 4
+    mask = latent_object_mask(pixels, BACKGROUNDS[clip.background])
+    assert mask.shape == (3, 8, 8) and mask.dtype == torch.bool
+    assert mask[0].any() and mask[1].any() and not mask[2].any()
+    # Frame 0's object (half-extent 8 px round the middle, 32, 32 +- 2 px jitter) lies in cells 2-5.
+    assert mask[0, 3:5, 3:5].all() and not mask[0, :2].any() and not mask[0, :, 6:].any()
+    assert 4 <= mask[0].sum() <= 16
 
 
 def test_a_few_vae_steps_reduce_the_reconstruction_loss() -> None:
@@ -122,11 +150,21 @@ def test_vae_colour_accuracy_scores_reconstructions_with_the_detector() -> None:
 def test_a_few_dit_steps_reduce_the_flow_loss() -> None:
     g = torch.Generator().manual_seed(0)
     data = LatentSet(torch.randn(4, 16, 9, 8, 8, generator=g).half(),
-                     [ShapesDataset(0).clip(i).prompt for i in range(4)])
+                     [ShapesDataset(0).clip(i).prompt for i in range(4)],
+                     torch.zeros(4, 9, 8, 8, dtype=torch.bool))
     model, text = new_dit(SMALL)
     model.train().requires_grad_(True)
     batch = make_batch(data, SMALL, 3, torch.Generator().manual_seed(1))
     assert batch.x.shape[2] == 2 * batch.target.shape[2]
+    assert batch.weight.shape == (2, 1, *batch.target.shape[2:]) and (batch.weight == 1).all()
+    everywhere = dataclasses.replace(data, objects=torch.ones(4, 9, 8, 8, dtype=torch.bool))
+    weighted = make_batch(everywhere, SMALL, 3, torch.Generator().manual_seed(1))
+    assert (weighted.weight == 1 + SMALL.object_loss_weight).all()
+    # The model's own context replaces the clean half only.
+    own = with_own_context(model, text, batch, torch.Generator().manual_seed(2))
+    half = batch.x.shape[2] // 2
+    assert torch.equal(own.x[:, :, half:], batch.x[:, :, half:]) and not torch.equal(own.x, batch.x)
+    assert torch.equal(own.t, batch.t) and own.x.isfinite().all()
     params = [*model.parameters(), *text.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-3)
     with torch.no_grad():

@@ -82,8 +82,13 @@ class TrainConfig:
     warmup: int = 50
     ema: float = 0.99
     shift: float = 5.0
-    one_step_share: float = 0.4  # samples whose blocks sit at t = 1000 (the 1-step sampler's)
+    one_step_share: float = 0.5  # samples whose blocks sit at t = 1000 (the 1-step sampler's)
     context_noise: float = 0.05  # max σ of the noise on the clean context
+    # Extra flow-loss weight on latents an object touches (~8 % of them). 8 with the mask dilated
+    # by a latent (22 % marked) bloated objects into large blobs: under uncertainty a weighted
+    # loss prefers object colour (docs/quality.md, session 8).
+    object_loss_weight: float = 3.0
+    own_context_share: float = 0.5  # batches whose context is the model's own 1-step prediction
     max_position_offset: int = 1300  # latent frames (5000 video frames ≈ 1250)
     # Wall-clock limits (seconds; None: only the step counts stop training).
     vae_seconds: float | None = None
@@ -251,20 +256,35 @@ def vae_colour_accuracy(vae: TinyVAE, clips: int = 28, frames: int = 33,
 class LatentSet:
     latents: Tensor  # [N, z, L, h, w] float16
     prompts: list[str]
+    objects: Tensor  # [N, L, h, w] bool: latents an object touches (see latent_object_mask)
+
+
+def latent_object_mask(frames: np.ndarray, background: tuple[int, int, int], stride: int = 8) -> Tensor:
+    """Which latents of a clip an object touches, [L, h, w] bool, for pixels uint8 [1 + 4k, H, W, 3]:
+    latent frame 0 holds pixel frame 0 and latent l > 0 frames 4l-3 .. 4l (the VAE's temporal
+    grouping); a latent is marked when any object pixel falls in its `stride` x `stride` cell."""
+    obj = np.abs(frames.astype(np.int16) - np.array(background, np.int16)).sum(-1) > 30
+    grouped = np.concatenate([obj[:1], obj[1:].reshape(-1, 4, *obj.shape[1:]).any(1)])
+    t, h, w = grouped.shape
+    return torch.from_numpy(grouped.reshape(t, h // stride, stride, w // stride, stride).any((2, 4)))
 
 
 @torch.no_grad()
 def encode_clips(vae: TinyVAE, cfg: TrainConfig, batch: int = 8) -> LatentSet:
     data = ShapesDataset(cfg.seed, cfg.width, cfg.height)
     frames = 1 + 4 * (cfg.clip_latents - 1)
-    out, prompts = [], []
+    out, prompts, objects = [], [], []
     for s in range(0, cfg.clips, batch):
         idx = list(range(s, min(s + batch, cfg.clips)))
-        video = torch.stack([torch.from_numpy(data.frames(i, frames)) for i in idx])
+        pixels = [data.frames(i, frames) for i in idx]
+        video = torch.stack([torch.from_numpy(p) for p in pixels])
         video = video.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
         out.append(vae.encode(video).half())
-        prompts += [data.clip(i).prompt for i in idx]
-    return LatentSet(torch.cat(out), prompts)
+        for i, p in zip(idx, pixels, strict=True):
+            clip = data.clip(i)
+            prompts.append(clip.prompt)
+            objects.append(latent_object_mask(p, BACKGROUNDS[clip.background]))
+    return LatentSet(torch.cat(out), prompts, torch.stack(objects))
 
 
 # -- DiT ----------------------------------------------------------------------------------------------
@@ -273,14 +293,15 @@ def encode_clips(vae: TinyVAE, cfg: TrainConfig, batch: int = 8) -> LatentSet:
 @dataclass
 class TeacherForcingBatch:
     """One training batch: clean then noisy copies of the chosen blocks, per-frame t, RoPE
-    positions, the target flow of the noisy half and the attention mask over frames."""
+    positions, the target flow of the noisy half and its loss weight."""
 
     x: Tensor  # [B, C, 2n, h, w]
     t: Tensor  # [B, 2n]
     positions: Tensor  # [B, 2n]
     target: Tensor  # [B, C, n, h, w]
-    frame_mask: Tensor  # [2n, 2n] bool
+    weight: Tensor  # [B, 1, n, h, w]: 1, or 1 + object_loss_weight where an object is
     prompts: list[str]
+    fpb: int  # latent frames per block
 
 
 def teacher_forcing_mask(blocks: int, fpb: int) -> Tensor:
@@ -297,6 +318,38 @@ def teacher_forcing_mask(blocks: int, fpb: int) -> Tensor:
     return allowed
 
 
+def teacher_forcing_attention(q: Tensor, k: Tensor, v: Tensor, blocks: int, fpb: int, tpf: int) -> Tensor:
+    """Attention under `teacher_forcing_mask` for q, k, v [B, L, H, D] (L = 2 x blocks x fpb x tpf
+    tokens), without computing the masked-out pairs: the clean half attends block-causally to
+    itself, and each noisy block to the clean blocks before it plus itself. Half the work of the
+    masked full attention (which is most of a training step on CPU)."""
+    b, length, heads, d = q.shape
+    n = length // 2
+    per_block = fpb * tpf
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, L, D]
+    clean_mask = teacher_forcing_mask(blocks, fpb)[: blocks * fpb, : blocks * fpb]
+    clean_mask = clean_mask.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1).to(q.device)
+    clean = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], attn_mask=clean_mask)
+    # Noisy block i: keys = clean blocks 0 .. blocks-2 (those >= i masked) + noisy block i.
+    ctx = n - per_block
+
+    def per_noisy_block(x: Tensor) -> Tensor:
+        return x[:, :, n:].unflatten(2, (blocks, per_block)).transpose(1, 2)  # [B, blocks, H, pb, D]
+
+    def with_context(x: Tensor) -> Tensor:
+        shared = x[:, None, :, :ctx].expand(b, blocks, heads, ctx, d)
+        return torch.cat([shared, per_noisy_block(x)], 3).flatten(0, 1)
+
+    starts = torch.arange(blocks, device=q.device) * per_block
+    allowed = torch.arange(ctx, device=q.device)[None] < starts[:, None]
+    mask = torch.cat([allowed, allowed.new_ones(blocks, per_block)], 1)  # [blocks, ctx + pb]
+    mask = mask[None, :, None, None, :].expand(b, blocks, 1, 1, ctx + per_block).flatten(0, 1)
+    noisy = F.scaled_dot_product_attention(per_noisy_block(q).flatten(0, 1), with_context(k), with_context(v),
+                                           attn_mask=mask)
+    noisy = noisy.unflatten(0, (b, blocks)).transpose(1, 2).flatten(2, 3)  # [B, H, n, D]
+    return torch.cat([clean, noisy], 2).transpose(1, 2)
+
+
 def sample_sigmas(n: int, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
     u = torch.rand(n, generator=gen, dtype=torch.float64)
     sigma = cfg.shift * u / (1 + (cfg.shift - 1) * u)
@@ -306,7 +359,7 @@ def sample_sigmas(n: int, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
 
 def make_batch(data: LatentSet, cfg: TrainConfig, fpb: int, gen: torch.Generator) -> TeacherForcingBatch:
     total_blocks = data.latents.shape[2] // fpb
-    xs, ts, ps, targets, prompts = [], [], [], [], []
+    xs, ts, ps, targets, weights, prompts = [], [], [], [], [], []
     # Half the batches use the shortest window (cheap, and most of what the first blocks learn
     # from); the rest up to `window_blocks`, so the model sees as much context as the cache holds.
     window = 2 if torch.rand(1, generator=gen).item() < 0.5 else int(
@@ -333,9 +386,10 @@ def make_batch(data: LatentSet, cfg: TrainConfig, fpb: int, gen: torch.Generator
         ts.append(torch.cat([torch.zeros(len(frames)), sigma * 1000]))
         ps.append(torch.cat([pos, pos]))
         targets.append(noise - x0)
+        weights.append(1 + cfg.object_loss_weight * data.objects[i][frames].float()[None])
         prompts.append(data.prompts[i])
     return TeacherForcingBatch(torch.stack(xs), torch.stack(ts), torch.stack(ps), torch.stack(targets),
-                               teacher_forcing_mask(blocks, fpb), prompts)
+                               torch.stack(weights), prompts, fpb)
 
 
 def prompt_batch(model: CausalWanModel, context: Tensor) -> PromptBatch:
@@ -351,15 +405,11 @@ def dit_flow(model: CausalWanModel, text: WordTextEncoder, batch: TeacherForcing
     _, _, f, h, w = batch.x.shape
     ph, pw = model.config.patch_size[1:]
     gh, gw = h // ph, w // pw
-    tpf = gh * gw
-    mask = batch.frame_mask.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1)
     cos, sin = model.rope.cos_sin(batch.positions, gh, gw)
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask)
-        return out.transpose(1, 2)
+        return teacher_forcing_attention(q, k, v, f // (2 * batch.fpb), batch.fpb, gh * gw)
 
     prompts = prompt_batch(model, text.embed(batch.prompts))
     v = model(batch.x, batch.t, prompts, attend)
@@ -367,7 +417,26 @@ def dit_flow(model: CausalWanModel, text: WordTextEncoder, batch: TeacherForcing
 
 
 def dit_loss(model: CausalWanModel, text: WordTextEncoder, batch: TeacherForcingBatch) -> Tensor:
-    return F.mse_loss(dit_flow(model, text, batch), batch.target)
+    """Object-weighted MSE of the flow (normalised by the mean weight, so the scale stays the
+    plain MSE's). Objects cover ~8 % of the latents: unweighted, the run-3 model drew the
+    background well (x0 error 0.03) and the object badly (0.45), docs/quality.md."""
+    err = (dit_flow(model, text, batch) - batch.target) ** 2
+    return (batch.weight * err).mean() / batch.weight.mean()
+
+
+@torch.no_grad()
+def with_own_context(model: CausalWanModel, text: WordTextEncoder, batch: TeacherForcingBatch,
+                     gen: torch.Generator) -> TeacherForcingBatch:
+    """The batch with its clean context replaced by the model's own one-step predictions (each
+    block drawn from pure noise given the true blocks before it). At inference the cache holds
+    the model's outputs, not the data; training on them teaches it to pull a drifting or blurred
+    object back onto the prompted path instead of fading it out (exposure bias)."""
+    f = batch.x.shape[2] // 2
+    noise = torch.randn(batch.target.shape, generator=gen)
+    probe = dataclasses.replace(batch, x=torch.cat([batch.x[:, :, :f], noise], 2),
+                                t=torch.cat([batch.t[:, :f], torch.full_like(batch.t[:, f:], 1000.0)], 1))
+    own = noise - dit_flow(model, text, probe)
+    return dataclasses.replace(batch, x=torch.cat([own, batch.x[:, :, f:]], 2))
 
 
 @dataclass
@@ -405,7 +474,10 @@ def train_dit(data: LatentSet, cfg: TrainConfig, log: Log | None = None) -> DiTT
     while step < budget.total:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, budget.total, cfg.warmup)
-        loss = dit_loss(model, text, make_batch(data, cfg, fpb, gen))
+        batch = make_batch(data, cfg, fpb, gen)
+        if torch.rand(1, generator=gen).item() < cfg.own_context_share:
+            batch = with_own_context(model, text, batch, gen)
+        loss = dit_loss(model, text, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
