@@ -1,5 +1,6 @@
 """`rollcast train-tiny`: train the tiny default model on the shapes dataset and write its model
-directory (DiT + config.json, tiny VAE, word text encoder) with `train_tiny.json` beside it."""
+directory (DiT + config.json, tiny VAE, word text encoder) with `train_tiny.json` beside it.
+`--vae-only` trains and writes the VAE alone; `--vae-from` trains the DiT on such a VAE."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rollcast.server.cli_args import positive_float, positive_int
-from rollcast.workers.tiny_training import TrainConfig, train_tiny
+from rollcast.workers.tiny_training import TrainConfig, train_tiny, train_vae_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,12 +28,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clips", type=positive_int, default=TrainConfig.clips,
                    help="dataset clips encoded for the DiT")
     p.add_argument("--batch", type=positive_int, default=TrainConfig.batch)
+    phase = p.add_mutually_exclusive_group()
+    phase.add_argument("--vae-only", action="store_true",
+                       help="train the VAE alone and write it (with train_tiny.json) to --out")
+    phase.add_argument("--vae-from", type=Path, default=None, metavar="VAE_DIR",
+                       help="train the DiT on the VAE a --vae-only run wrote there instead of a new one "
+                            "(--minutes then all go to the DiT)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"--out {args.out}: exists and is not empty")
+    if args.vae_from is not None and not (args.vae_from / "train_tiny.json").is_file():
+        raise ValueError(f"--vae-from {args.vae_from}: no train_tiny.json there (write one with --vae-only)")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, dit_steps=args.dit_steps, clips=args.clips,
@@ -42,7 +51,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(record), file=sys.stderr, flush=True)
 
     command = shlex.join(["rollcast", "train-tiny", *sys.argv[2:]]) if len(sys.argv) > 1 else "train-tiny"
-    out = train_tiny(args.out, cfg, minutes=args.minutes, command=command, log=log)
+    if args.vae_only:
+        out = train_vae_dir(args.out, cfg, minutes=args.minutes, command=command, log=log)
+        record = json.loads((out / "train_tiny.json").read_text())
+        print(json.dumps({"written": str(out), "seed": args.seed, "vae_steps": record["vae_steps_done"],
+                          "vae_reconstruction": record["vae_reconstruction"]}))
+        return 0
+    out = train_tiny(args.out, cfg, minutes=args.minutes, command=command, log=log, vae_from=args.vae_from)
     record = json.loads((out / "train_tiny.json").read_text())
     print(json.dumps({"written": str(out), "seed": args.seed, "vae_steps": record["vae_steps_done"],
                       "dit_steps": record["dit_steps_done"], "seconds": record["seconds"]["total"]}))

@@ -192,3 +192,21 @@ def test_train_tiny_writes_a_directory_the_pipeline_loads(tmp_path: Path, capsys
                  "--no-progress", "-o", str(tmp_path / "a.npy")]) == 0
     assert np.load(tmp_path / "a.npy").shape == (9, 64, 64, 3)
     assert main(["train-tiny", "--out", str(out)]) == 2  # refuses to overwrite
+
+
+def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) -> None:
+    vae_dir, out = tmp_path / "vae", tmp_path / "m"
+    common = ["--seed", "4", "--vae-steps", "2", "--dit-steps", "2", "--clips", "2", "--batch", "1"]
+    assert main(["train-tiny", "--out", str(vae_dir), "--vae-only", *common]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["vae_steps"] == 2
+    assert sorted(p.name for p in vae_dir.iterdir()) == ["taew2_1.safetensors", "train_tiny.json"]
+    assert main(["train-tiny", "--out", str(out), "--vae-from", str(vae_dir), *common]) == 0
+    record = json.loads((out / "train_tiny.json").read_text())
+    assert record["vae_from"]["path"] == str(vae_dir)
+    assert record["reproduce"] == (
+        "rollcast train-tiny --out VAE_DIR --seed 4 --vae-only --vae-steps 2 && rollcast train-tiny "
+        "--out DIR --seed 4 --vae-from VAE_DIR --dit-steps 2 --clips 2 --batch 1")
+    # The DiT's directory carries the very VAE it was trained on.
+    assert (out / "taew2_1.safetensors").read_bytes() == (vae_dir / "taew2_1.safetensors").read_bytes()
+    assert main(["train-tiny", "--out", str(tmp_path / "x"), "--vae-from", str(tmp_path)]) == 2
+    assert "no train_tiny.json" in capsys.readouterr().err
