@@ -545,7 +545,7 @@ def train_vae_dir(out: str | Path, cfg: TrainConfig, *, minutes: float | None = 
     than the DiT's (the same recipe scored 0.46 and 0.99 colour accuracy, docs/quality.md), so it is
     trained, checked and kept once, and every DiT run on top of it names it."""
     t0 = time.monotonic()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the decoder-input noise draws from torch's global generator
     if minutes is not None:
         cfg = dataclasses.replace(cfg, vae_seconds=60.0 * minutes)
     vae, steps = train_vae(cfg, log)
