@@ -40,8 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"--out {args.out}: exists and is not empty")
-    if args.vae_from is not None and not (args.vae_from / "train_tiny.json").is_file():
-        raise ValueError(f"--vae-from {args.vae_from}: no train_tiny.json there (write one with --vae-only)")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, dit_steps=args.dit_steps, clips=args.clips,

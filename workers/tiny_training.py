@@ -96,7 +96,7 @@ class TrainConfig:
     dit_seconds: float | None = None
 
 
-VAE_RECORD = "train_tiny.json"  # beside the weights: how they were made
+RECORD_FILE = "train_tiny.json"  # beside the weights: how they were made
 VAE_SELECTION_SEED = 4243  # held-out clips that pick the VAE snapshot; 4242 reports its accuracy
 
 
@@ -534,7 +534,7 @@ def write_trained_dir(out: str | Path, model: CausalWanModel, vae: TinyVAE, text
                      config=model.config)
     write_tiny_vae_checkpoint(vae, root / TINY_VAE_FILES[0])
     text.save(root / WORD_TEXT_ENCODER_FILE)
-    (root / VAE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    (root / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return root
 
 
@@ -560,18 +560,17 @@ def train_vae_dir(out: str | Path, cfg: TrainConfig, *, minutes: float | None = 
               "reproduce": f"rollcast train-tiny --out VAE_DIR --seed {cfg.seed} --vae-only "
                            f"--vae-steps {steps}",
               "vae_reconstruction": colour, "torch": torch.__version__}
-    (root / VAE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    (root / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return root
 
 
 def load_trained_vae(root: str | Path) -> tuple[TinyVAE, dict[str, object]]:
     """The VAE of a directory `train_vae_dir` (or `train_tiny`) wrote, and its record."""
     root = Path(root)
-    record_file = root / VAE_RECORD
-    weights = root / TINY_VAE_FILES[0]
-    if not weights.is_file() or not record_file.is_file():
-        raise FileNotFoundError(f"{root}: not a trained VAE directory (needs {TINY_VAE_FILES[0]} and "
-                                f"{VAE_RECORD}; `rollcast train-tiny --vae-only` writes one)")
+    record_file, weights = root / RECORD_FILE, root / TINY_VAE_FILES[0]
+    missing = next((f.name for f in (record_file, weights) if not f.is_file()), None)
+    if missing:
+        raise ValueError(f"--vae-from {root}: no {missing} there (write a VAE directory with --vae-only)")
     vae = TinyVAE.build(TinyVAEConfig.preset("small"), checkpoint=weights)
     return vae, json.loads(record_file.read_text())
 
