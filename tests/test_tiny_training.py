@@ -178,6 +178,29 @@ def test_a_few_dit_steps_reduce_the_flow_loss() -> None:
     assert after < 0.9 * before
 
 
+def test_own_context_passes_build_an_autoregressive_rollout() -> None:
+    """After k passes blocks 0..k-1 no longer change (each is a k-deep rollout already), and a
+    further pass changes the blocks after them: block j's context is the model's own j blocks."""
+    g = torch.Generator().manual_seed(0)
+    data = LatentSet(torch.randn(2, 16, 9, 8, 8, generator=g).half(),
+                     [ShapesDataset(0).clip(i).prompt for i in range(2)],
+                     torch.zeros(2, 9, 8, 8, dtype=torch.bool))
+    cfg = dataclasses.replace(SMALL, window_blocks=2)
+    model, text = new_dit(cfg)
+    model.eval()
+    batch = make_batch(data, cfg, 3, torch.Generator().manual_seed(1))
+    while batch.x.shape[2] != 2 * 9:  # the sink + 2 window blocks (make_batch draws the window)
+        batch = make_batch(data, cfg, 3, g)
+    ctx = [with_own_context(model, text, batch, torch.Generator().manual_seed(2), k).x[:, :, :9]
+           for k in (1, 2, 3)]
+    blocks = [slice(0, 3), slice(3, 6), slice(6, 9)]
+    for k in (1, 2):
+        settled, moved = blocks[:k], blocks[k]
+        for b in settled:
+            torch.testing.assert_close(ctx[k][:, :, b], ctx[k - 1][:, :, b])
+        assert (ctx[k][:, :, moved] - ctx[k - 1][:, :, moved]).abs().max() > 1e-4
+
+
 @pytest.mark.slow
 def test_train_tiny_writes_a_directory_the_pipeline_loads(tmp_path: Path, capsys) -> None:
     out = tmp_path / "m"

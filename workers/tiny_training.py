@@ -74,11 +74,13 @@ class TrainConfig:
     vae_check_every: int = 150  # steps between held-out colour checks over the last 40 % (train_vae)
     # latent set
     clips: int = 300
-    clip_latents: int = 18  # a whole number of blocks
+    clip_latents: int = 21  # a whole number of blocks, one more than sink + window
     # DiT
     dit_steps: int = 3000
     batch: int = 4
-    window_blocks: int = 5  # most consecutive blocks after the sink (the default cache's window)
+    # Most consecutive blocks after the sink: the last then sees the sink and 5 blocks before it,
+    # as through the self-forcing cache (window 18 latent frames, the current block included).
+    window_blocks: int = 6
     lr: float = 1e-3
     warmup: int = 50
     ema: float = 0.99
@@ -90,6 +92,10 @@ class TrainConfig:
     # loss prefers object colour (docs/quality.md, session 8).
     object_loss_weight: float = 3.0
     own_context_share: float = 0.5  # batches whose context is the model's own 1-step prediction
+    # Most no-gradient passes building that context (drawn 1..n per batch): pass k re-predicts every
+    # block from pass k-1's outputs, so block j's context is the model's own j-deep rollout for
+    # j <= k, the compounding errors a stream's cache holds (Self-Forcing's exposure), in k passes.
+    rollout_passes: int = 3
     max_position_offset: int = 1300  # latent frames (5000 video frames ≈ 1250)
     # Wall-clock limits (seconds; None: only the step counts stop training).
     vae_seconds: float | None = None
@@ -447,17 +453,21 @@ def dit_loss(model: CausalWanModel, text: WordTextEncoder, batch: TeacherForcing
 
 @torch.no_grad()
 def with_own_context(model: CausalWanModel, text: WordTextEncoder, batch: TeacherForcingBatch,
-                     gen: torch.Generator) -> TeacherForcingBatch:
-    """The batch with its clean context replaced by the model's own one-step predictions (each
-    block drawn from pure noise given the true blocks before it). At inference the cache holds
-    the model's outputs, not the data; training on them teaches it to pull a drifting or blurred
-    object back onto the prompted path instead of fading it out (exposure bias)."""
+                     gen: torch.Generator, passes: int = 1) -> TeacherForcingBatch:
+    """The batch with its clean context replaced by the model's own one-step predictions. Pass 1
+    draws each block from pure noise given the true blocks before it; pass k does it again given
+    pass k-1's blocks, so after k passes blocks 0..k-1 are exactly a k-block autoregressive
+    rollout (the same noise per block) and later blocks sit on k-deep rollouts. At inference the
+    cache holds the model's outputs, not the data; training on them teaches it to pull a drifting
+    or blurred object back onto the prompted path instead of fading it out (exposure bias)."""
     f = batch.x.shape[2] // 2
     noise = torch.randn(batch.target.shape, generator=gen)
-    probe = dataclasses.replace(batch, x=torch.cat([batch.x[:, :, :f], noise], 2),
-                                t=torch.cat([batch.t[:, :f], torch.full_like(batch.t[:, f:], 1000.0)], 1))
-    own = noise - dit_flow(model, text, probe)
-    return dataclasses.replace(batch, x=torch.cat([own, batch.x[:, :, f:]], 2))
+    t = torch.cat([batch.t[:, :f], torch.full_like(batch.t[:, f:], 1000.0)], 1)
+    context = batch.x[:, :, :f]
+    for _ in range(passes):
+        probe = dataclasses.replace(batch, x=torch.cat([context, noise], 2), t=t)
+        context = noise - dit_flow(model, text, probe)
+    return dataclasses.replace(batch, x=torch.cat([context, batch.x[:, :, f:]], 2))
 
 
 @dataclass
@@ -497,7 +507,8 @@ def train_dit(data: LatentSet, cfg: TrainConfig, log: Log | None = None) -> DiTT
             group["lr"] = cfg.lr * lr_factor(step, budget.total, cfg.warmup)
         batch = make_batch(data, cfg, fpb, gen)
         if torch.rand(1, generator=gen).item() < cfg.own_context_share:
-            batch = with_own_context(model, text, batch, gen)
+            passes = int(torch.randint(1, cfg.rollout_passes + 1, (1,), generator=gen))
+            batch = with_own_context(model, text, batch, gen, passes)
         loss = dit_loss(model, text, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
