@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate a video file from a prompt (or restyle an input video)")
     add_model_args(p, checkpoint_help="model directory with the published file names (DiT, "
                    "Wan2.1_VAE.pth / taew2_1, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/); "
-                   "random weights if absent")
+                   "default: the shipped tiny model, random weights for other presets")
     cli_generate.add_arguments(p)
     p.set_defaults(func=cli_generate.run)
 

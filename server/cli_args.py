@@ -73,6 +73,13 @@ def add_model_args(p: argparse.ArgumentParser, *, checkpoint_help: str, policy: 
                         "scales, about half the cache memory (docs/benchmarking.md: its error)")
 
 
+def add_weights_arg(p: argparse.ArgumentParser) -> None:
+    """For commands that build a whole pipeline: the `tiny` preset loads its shipped trained model
+    when no checkpoint is given; this keeps seeded random weights instead (tests, benchmarks)."""
+    p.add_argument("--random-weights", action="store_true",
+                   help="without --checkpoint: seeded random weights instead of the shipped tiny model")
+
+
 def _default_sampler(policy: str, v2v: bool) -> str:
     if policy == "streamdiffusionv2":
         return "streamdiffusionv2-v2v" if v2v else "streamdiffusionv2"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rollcast.server.cli_args import add_model_args, positive_int, worker_spec
+from rollcast.server.cli_args import add_model_args, add_weights_arg, positive_int, worker_spec
 from rollcast.workers.shape_detector import score_tracks
 from rollcast.workers.shapes_dataset import COLORS, ShapesDataset, parse_prompt
 from rollcast.workers.tiny_eval import (
@@ -29,6 +29,7 @@ from rollcast.workers.video_pipeline import PipelineSpec, VideoPipeline
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p, checkpoint_help="model directory to evaluate (default: the shipped tiny weights)")
+    add_weights_arg(p)
     p.add_argument("--prompts", type=positive_int, default=20, help="held-out prompts (videos)")
     p.add_argument("--frames", type=positive_int, default=100, help="frames per video")
     p.add_argument("--steps", type=positive_int, default=1, help="denoising steps (1-4)")
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if overrides:
         worker = dataclasses.replace(worker, policy=worker.policy.replace(**overrides))
     t0 = time.perf_counter()
-    pipeline = VideoPipeline.build(PipelineSpec(worker=worker))
+    pipeline = VideoPipeline.build(PipelineSpec(worker=worker, synthetic_weights=args.random_weights))
     try:
         if args.mode == "t2v":
             result = evaluate(pipeline, prompts=args.prompts, frames=args.frames, seed=args.seed,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rollcast.server.cli_args import add_parallel_args, parallel_config, worker_spec
+from rollcast.server.cli_args import add_parallel_args, add_weights_arg, parallel_config, worker_spec
 from rollcast.workers.noise_controller import NoiseControllerConfig
 from rollcast.workers.vae import VAE_KINDS
 from rollcast.workers.video_file import VideoFileWriter, check_output_path, read_video
@@ -27,6 +27,7 @@ DEFAULT_T2V_FRAMES = 33  # 1 + 4·8: three 3-frame blocks (9 + 12 + 12 frames)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_weights_arg(p)
     p.add_argument("--prompt", required=True, help="what to generate (or how to restyle the input)")
     p.add_argument("--input", type=Path, help="input video (any FFmpeg-readable file, or .npy uint8 "
                    "[T, H, W, 3]) for video-to-video")
@@ -89,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     parallel = parallel_config(args)
     parallel.ranges(cfg.num_layers)  # a bad split fails before anything loads
-    pipeline = VideoPipeline.build(PipelineSpec(worker=worker, vae=args.vae, noise=noise),
+    pipeline = VideoPipeline.build(PipelineSpec(worker=worker, vae=args.vae, noise=noise,
+                                                synthetic_weights=args.random_weights),
                                    parallel.build_runner)
     load_s = time.perf_counter() - t0
     width, height = pipeline.resolution

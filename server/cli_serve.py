@@ -18,6 +18,7 @@ from rollcast.scheduler.policies import POLICY_NAMES
 from rollcast.server.cli_args import (
     add_model_args,
     add_parallel_args,
+    add_weights_arg,
     parallel_config,
     positive_float,
     positive_int,
@@ -37,8 +38,9 @@ def _port(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_args(p, checkpoint_help="model directory with the published file names (random weights if "
-                   "absent)")
+    add_model_args(p, checkpoint_help="model directory with the published file names (default: the "
+                   "shipped tiny model, random weights for other presets)")
+    add_weights_arg(p)
     p.add_argument("--vae", choices=VAE_KINDS, default=None, help="default: the model config's")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000)
@@ -82,7 +84,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     parallel = parallel_config(args)
     parallel.ranges(worker.config.num_layers)  # a bad split fails before anything loads
     return ServeConfig(
-        pipeline=PipelineSpec(worker=worker, vae=args.vae), host=args.host, port=args.port,
+        pipeline=PipelineSpec(worker=worker, vae=args.vae, synthetic_weights=args.random_weights),
+        host=args.host, port=args.port,
         api_key=ServeConfig.api_key_from_env(args.api_key), policy=args.scheduler, max_batch=args.max_batch,
         admission=AdmissionConfig(max_utilization=args.max_utilization),
         sessions=SessionDefaults(ttff_s=args.ttff_ms / 1e3, fps=args.fps, steps=args.steps,

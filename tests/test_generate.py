@@ -111,7 +111,8 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, capsys) -> None:
 
 def test_a_model_directory_reproduces_the_checkpoint_free_run(tmp_path: Path, capsys) -> None:
     """`checkpoint synth --model-dir` writes every component under its published name with the
-    weights seed 0 gives them; generating from that directory gives the very same frames."""
+    weights seed 0 gives them; generating from that directory gives the very same frames as the
+    checkpoint-free run with `--random-weights` (without it, `tiny` loads its shipped model)."""
     ck = tmp_path / "Wan-tiny"
     assert main(["checkpoint", "synth", str(ck), "--model-dir", "--format", "pt-generator-ema"]) == 0
     capsys.readouterr()
@@ -120,7 +121,7 @@ def test_a_model_directory_reproduces_the_checkpoint_free_run(tmp_path: Path, ca
             "models_t5_umt5-xxl-enc-bf16.pth"} <= names
     for vae in ("tiny", "wan"):
         args = ["--prompt", "a red circle", "--frames", "6", "--seed", "4", "--vae", vae]
-        generate(capsys, *args, "-o", str(tmp_path / f"free-{vae}.npy"))
+        generate(capsys, *args, "--random-weights", "-o", str(tmp_path / f"free-{vae}.npy"))
         generate(capsys, *args, "--checkpoint", str(ck), "-o", str(tmp_path / f"dir-{vae}.npy"))
         free, loaded = (np.load(tmp_path / f"{k}-{vae}.npy") for k in ("free", "dir"))
         np.testing.assert_array_equal(free, loaded)

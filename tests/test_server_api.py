@@ -85,7 +85,9 @@ def test_frames_change_after_the_acked_frame(http: httpx.Client, server: Backgro
     b = create(http, seed=5, steps=1).json()["session_id"]
 
     async def both() -> tuple:
-        change = {"type": "params.update", "id": 1, "params": {"prompt": "a green forest"}}
+        # Another colour, shape and background: every pixel's conditioning changes.
+        prompt = "a green square moving up quickly on a gray background"
+        change = {"type": "params.update", "id": 1, "params": {"prompt": prompt}}
         return await asyncio.gather(ws_session(server.url, a, 3.0),
                                     ws_session(server.url, b, 3.0, send=[(0.3, change)]))
 
