@@ -156,10 +156,24 @@ def test_a_few_dit_steps_reduce_the_flow_loss() -> None:
     model.train().requires_grad_(True)
     batch = make_batch(data, SMALL, 3, torch.Generator().manual_seed(1))
     assert batch.x.shape[2] == 2 * batch.target.shape[2]
-    assert batch.weight.shape == (2, 1, *batch.target.shape[2:]) and (batch.weight == 1).all()
-    everywhere = dataclasses.replace(data, objects=torch.ones(4, 9, 8, 8, dtype=torch.bool))
-    weighted = make_batch(everywhere, SMALL, 3, torch.Generator().manual_seed(1))
-    assert (weighted.weight == 1 + SMALL.object_loss_weight).all()
+    assert batch.weight.shape == (2, 1, *batch.target.shape[2:])
+    # Clips of 5 blocks: the window of 2 starts at block 1, 2 or 3.
+    long = LatentSet(torch.zeros(4, 16, 15, 8, 8).half(), data.prompts,
+                     torch.zeros(4, 15, 8, 8, dtype=torch.bool))
+    everywhere = dataclasses.replace(long, objects=torch.ones(4, 15, 8, 8, dtype=torch.bool))
+    starts = set()
+    for seed in range(8):
+        plain = make_batch(long, SMALL, 3, torch.Generator().manual_seed(seed))
+        weighted = make_batch(everywhere, SMALL, 3, torch.Generator().manual_seed(seed))
+        for b in range(2):
+            starts.add(plain.positions[b, 3].item() == 3)
+            # The first window block has no loss unless it follows the sink (clean position 3 is 3).
+            first = 0.0 if plain.positions[b, 3] != 3 else 1.0
+            assert (plain.weight[b, :, 3:6] == first).all() and (plain.weight[b, :, :3] == 1).all()
+            assert (plain.weight[b, :, 6:] == 1).all()
+            assert (weighted.weight[b, :, :3] == 1 + SMALL.object_loss_weight).all()
+            assert (weighted.weight[b, :, 3:6] == first * (1 + SMALL.object_loss_weight)).all()
+    assert starts == {True, False}
     # The model's own context replaces the clean half only.
     own = with_own_context(model, text, batch, torch.Generator().manual_seed(2))
     half = batch.x.shape[2] // 2

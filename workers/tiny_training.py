@@ -92,6 +92,10 @@ class TrainConfig:
     # loss prefers object colour (docs/quality.md, session 8).
     object_loss_weight: float = 3.0
     own_context_share: float = 0.5  # batches whose context is the model's own 1-step prediction
+    # Share of the DiT's steps before own-context batches start: Self-Forcing rolls out a model
+    # already trained on true context; a fresh model's own blocks are position-less streaks, and
+    # training on them from step 1 rewards ignoring the context (run 5, docs/quality.md).
+    own_context_after: float = 0.6
     # Most no-gradient passes building that context (drawn 1..n per batch): pass k re-predicts every
     # block from pass k-1's outputs, so block j's context is the model's own j-deep rollout for
     # j <= k, the compounding errors a stream's cache holds (Self-Forcing's exposure), in k passes.
@@ -413,7 +417,14 @@ def make_batch(data: LatentSet, cfg: TrainConfig, fpb: int, gen: torch.Generator
         ts.append(torch.cat([torch.zeros(len(frames)), sigma * 1000]))
         ps.append(torch.cat([pos, pos]))
         targets.append(noise - x0)
-        weights.append(1 + cfg.object_loss_weight * data.objects[i][frames].float()[None])
+        weight = 1 + cfg.object_loss_weight * data.objects[i][frames].float()[None]
+        if s > 1:
+            # The first window block then sees only the sink, frames earlier: where the object is
+            # by now is unknowable (the RoPE offset hides the time), so its L2 optimum is the mean
+            # of the positions, a streak along the axis of motion. At inference the block before
+            # is always in the cache, so the block is context for the others and has no loss.
+            weight[:, fpb:2 * fpb] = 0
+        weights.append(weight)
         prompts.append(data.prompts[i])
     return TeacherForcingBatch(torch.stack(xs), torch.stack(ts), torch.stack(ps), torch.stack(targets),
                                torch.stack(weights), prompts, fpb)
@@ -506,7 +517,8 @@ def train_dit(data: LatentSet, cfg: TrainConfig, log: Log | None = None) -> DiTT
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, budget.total, cfg.warmup)
         batch = make_batch(data, cfg, fpb, gen)
-        if torch.rand(1, generator=gen).item() < cfg.own_context_share:
+        own_context = step >= cfg.own_context_after * budget.total
+        if own_context and torch.rand(1, generator=gen).item() < cfg.own_context_share:
             passes = int(torch.randint(1, cfg.rollout_passes + 1, (1,), generator=gen))
             batch = with_own_context(model, text, batch, gen, passes)
         loss = dit_loss(model, text, batch)
