@@ -15,7 +15,9 @@
    a noisy block to the clean blocks before it and to itself, which is exactly what a block sees
    through the rolling cache at inference. Window blocks sit at RoPE positions shifted by a random
    offset (up to `max_position_offset` latent frames), so the sink-to-window distances of a long
-   stream with baked RoPE are in the training distribution.
+   stream with baked RoPE are in the training distribution. A window's first block has no loss
+   unless it follows the sink (it never lacks its predecessor at inference). Late in training half
+   the batches swap the clean context for the model's own rollouts (`with_own_context`).
 
 Timesteps follow the sampler's shifted schedule, with extra weight on t = 1000 (the one-step
 sampler's only step). Clean context is lightly noised: at inference it is the model's own output.
