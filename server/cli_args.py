@@ -80,6 +80,13 @@ def add_weights_arg(p: argparse.ArgumentParser) -> None:
                    help="without --checkpoint: seeded random weights instead of the shipped tiny model")
 
 
+def random_weights(args: argparse.Namespace) -> bool:
+    """`--random-weights`, refused beside `--checkpoint` (it would be silently ignored)."""
+    if args.random_weights and args.checkpoint is not None:
+        raise ValueError("--random-weights and --checkpoint exclude each other")
+    return bool(args.random_weights)
+
+
 def _default_sampler(policy: str, v2v: bool) -> str:
     if policy == "streamdiffusionv2":
         return "streamdiffusionv2-v2v" if v2v else "streamdiffusionv2"

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from rollcast.server.cli_args import add_model_args, add_weights_arg, positive_int, worker_spec
+from rollcast.server.cli_args import (
+    add_model_args,
+    add_weights_arg,
+    positive_int,
+    random_weights,
+    worker_spec,
+)
 from rollcast.workers.shape_detector import score_tracks
 from rollcast.workers.shapes_dataset import COLORS, ShapesDataset, parse_prompt
 from rollcast.workers.tiny_eval import (
@@ -88,13 +94,14 @@ def _v2v_eval(pipeline: VideoPipeline, args: argparse.Namespace) -> dict[str, ob
 
 def run(args: argparse.Namespace) -> int:
     horizons = tuple(int(x) for x in args.horizons.split(",") if x.strip())
+    synthetic = random_weights(args)  # before worker_spec reads the checkpoint
     worker = worker_spec(args, v2v=args.mode == "v2v")
     overrides = {k: v for k, v in (("sink_frames", args.sink_frames), ("window_frames", args.window_frames))
                  if v is not None}
     if overrides:
         worker = dataclasses.replace(worker, policy=worker.policy.replace(**overrides))
     t0 = time.perf_counter()
-    pipeline = VideoPipeline.build(PipelineSpec(worker=worker, synthetic_weights=args.random_weights))
+    pipeline = VideoPipeline.build(PipelineSpec(worker=worker, synthetic_weights=synthetic))
     try:
         if args.mode == "t2v":
             result = evaluate(pipeline, prompts=args.prompts, frames=args.frames, seed=args.seed,

@@ -17,7 +17,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rollcast.server.cli_args import add_parallel_args, add_weights_arg, parallel_config, worker_spec
+from rollcast.server.cli_args import (
+    add_parallel_args,
+    add_weights_arg,
+    parallel_config,
+    random_weights,
+    worker_spec,
+)
 from rollcast.workers.noise_controller import NoiseControllerConfig
 from rollcast.workers.vae import VAE_KINDS
 from rollcast.workers.video_file import VideoFileWriter, check_output_path, read_video
@@ -75,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.transition_blocks < 0:
         raise ValueError(f"--transition-blocks must be >= 0, got {args.transition_blocks}")
     v2v = args.input is not None
+    synthetic = random_weights(args)  # before worker_spec reads the checkpoint
     worker = worker_spec(args, v2v=v2v)
     cfg = worker.config
     cfg.latent_hw(*worker.resolution)  # an unsupported resolution fails here, before loading
@@ -91,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     parallel = parallel_config(args)
     parallel.ranges(cfg.num_layers)  # a bad split fails before anything loads
     pipeline = VideoPipeline.build(PipelineSpec(worker=worker, vae=args.vae, noise=noise,
-                                                synthetic_weights=args.random_weights),
+                                                synthetic_weights=synthetic),
                                    parallel.build_runner)
     load_s = time.perf_counter() - t0
     width, height = pipeline.resolution

@@ -22,6 +22,7 @@ from rollcast.server.cli_args import (
     parallel_config,
     positive_float,
     positive_int,
+    random_weights,
     worker_spec,
 )
 from rollcast.server.runtime import ServeConfig
@@ -79,12 +80,13 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         ice_server(url)  # a malformed one fails here, before anything loads
     if args.cost_model is not None and not args.cost_model.is_file():
         raise ValueError(f"--cost-model {args.cost_model}: no such file")
+    synthetic = random_weights(args)  # before worker_spec reads the checkpoint
     worker = worker_spec(args)
     worker = dataclasses.replace(worker, max_sessions=args.max_sessions)
     parallel = parallel_config(args)
     parallel.ranges(worker.config.num_layers)  # a bad split fails before anything loads
     return ServeConfig(
-        pipeline=PipelineSpec(worker=worker, vae=args.vae, synthetic_weights=args.random_weights),
+        pipeline=PipelineSpec(worker=worker, vae=args.vae, synthetic_weights=synthetic),
         host=args.host, port=args.port,
         api_key=ServeConfig.api_key_from_env(args.api_key), policy=args.scheduler, max_batch=args.max_batch,
         admission=AdmissionConfig(max_utilization=args.max_utilization),

@@ -106,6 +106,9 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, capsys) -> None:
     err = fail(capsys, "--prompt", "x", "--checkpoint", str(tmp_path / "ckpt"), "-o", str(out))
     assert "ckpt" in err and "no DiT checkpoint" in err
     assert "unsupported file type '.gif'" in fail(capsys, "--prompt", "x", "-o", str(tmp_path / "a.gif"))
+    err = fail(capsys, "--prompt", "x", "--random-weights", "--checkpoint", str(tmp_path / "ckpt"),
+               "-o", str(out))
+    assert "--random-weights and --checkpoint exclude each other" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "junk.mp4"]
 
 
