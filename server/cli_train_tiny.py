@@ -1,6 +1,7 @@
 """`rollcast train-tiny`: train the tiny default model on the shapes dataset and write its model
 directory (DiT + config.json, tiny VAE, word text encoder) with `train_tiny.json` beside it.
-`--vae-only` trains and writes the VAE alone; `--vae-from` trains the DiT on such a VAE."""
+`--vae-only` trains and writes the VAE alone; `--vae-from` trains the DiT on such a VAE;
+`--finetune-from` fine-tunes a written model on its own rollouts."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from rollcast.server.cli_args import positive_float, positive_int
-from rollcast.workers.tiny_training import TrainConfig, train_tiny, train_vae_dir
+from rollcast.workers.tiny_training import TrainConfig, finetune_tiny, train_tiny, train_vae_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     phase.add_argument("--vae-from", type=Path, default=None, metavar="VAE_DIR",
                        help="train the DiT on the VAE a --vae-only run wrote there instead of a new one "
                             "(--minutes then all go to the DiT)")
+    phase.add_argument("--finetune-from", type=Path, default=None, metavar="DIR",
+                       help="fine-tune the DiT of a model directory train-tiny wrote on its own rollouts "
+                            "(Self-Forcing style), with its VAE, for --dit-steps or --minutes")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
 
 
@@ -54,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
         record = json.loads((out / "train_tiny.json").read_text())
         print(json.dumps({"written": str(out), "seed": args.seed, "vae_steps": record["vae_steps_done"],
                           "vae_reconstruction": record["vae_reconstruction"]}))
+        return 0
+    if args.finetune_from:
+        out = finetune_tiny(args.out, cfg, args.finetune_from, minutes=args.minutes, command=command, log=log)
+        record = json.loads((out / "train_tiny.json").read_text())
+        print(json.dumps({"written": str(out), "seed": args.seed, "dit_steps": record["dit_steps_done"],
+                          "seconds": record["seconds"]["total"]}))
         return 0
     out = train_tiny(args.out, cfg, minutes=args.minutes, command=command, log=log, vae_from=args.vae_from)
     record = json.loads((out / "train_tiny.json").read_text())

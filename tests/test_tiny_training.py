@@ -173,6 +173,8 @@ def test_a_few_dit_steps_reduce_the_flow_loss() -> None:
             assert (plain.weight[b, :, 6:] == 1).all()
             assert (weighted.weight[b, :, :3] == 1 + SMALL.object_loss_weight).all()
             assert (weighted.weight[b, :, 3:6] == first * (1 + SMALL.object_loss_weight)).all()
+            # ... and that block, only, stays the data in own-context passes.
+            assert plain.given[b].tolist() == [False] * 3 + [first == 0.0] * 3 + [False] * 3
     assert starts == {True, False}
     # The model's own context replaces the clean half only.
     own = with_own_context(model, text, batch, torch.Generator().manual_seed(2))
@@ -215,6 +217,29 @@ def test_own_context_passes_build_an_autoregressive_rollout() -> None:
         assert (ctx[k][:, :, moved] - ctx[k - 1][:, :, moved]).abs().max() > 1e-4
 
 
+def test_own_context_keeps_a_given_window_block_as_the_data() -> None:
+    """A window's first block that does not follow the sink is the rollout's starting point: it
+    stays the data in every pass, and the blocks after it are predicted from it."""
+    g = torch.Generator().manual_seed(0)
+    long = LatentSet(torch.randn(2, 16, 15, 8, 8, generator=g).half(),
+                     [ShapesDataset(0).clip(i).prompt for i in range(2)],
+                     torch.zeros(2, 15, 8, 8, dtype=torch.bool))
+    model, text = new_dit(SMALL)
+    model.eval()
+    batch = make_batch(long, SMALL, 3, g)
+    while batch.x.shape[2] != 18 or not batch.given.any(1).all():  # both windows start past block 1
+        batch = make_batch(long, SMALL, 3, g)
+    for passes in (1, 3):
+        own = with_own_context(model, text, batch, torch.Generator().manual_seed(2), passes).x[:, :, :9]
+        torch.testing.assert_close(own[:, :, 3:6], batch.x[:, :, 3:6])
+        assert (own[:, :, :3] - batch.x[:, :, :3]).abs().min() > 0  # the sink is the model's
+        assert (own[:, :, 6:] - batch.x[:, :, 6:9]).abs().min() > 0
+    # Unmarked, the same block is predicted from the sink alone.
+    free = dataclasses.replace(batch, given=torch.zeros_like(batch.given))
+    own = with_own_context(model, text, free, torch.Generator().manual_seed(2), 1).x[:, :, :9]
+    assert (own[:, :, 3:6] - batch.x[:, :, 3:6]).abs().max() > 1e-3
+
+
 @pytest.mark.slow
 def test_train_tiny_writes_a_directory_the_pipeline_loads(tmp_path: Path, capsys) -> None:
     out = tmp_path / "m"
@@ -247,3 +272,18 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     assert (out / "taew2_1.safetensors").read_bytes() == (vae_dir / "taew2_1.safetensors").read_bytes()
     assert main(["train-tiny", "--out", str(tmp_path / "x"), "--vae-from", str(tmp_path)]) == 2
     assert "no train_tiny.json" in capsys.readouterr().err
+    # A fine-tune of that model on its own rollouts: its record reproduces the base, then itself.
+    tuned = tmp_path / "tuned"
+    assert main(["train-tiny", "--out", str(tuned), "--finetune-from", str(out), "--seed", "5",
+                 "--dit-steps", "2", "--clips", "2", "--batch", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["dit_steps"] == 2
+    tuned_record = json.loads((tuned / "train_tiny.json").read_text())
+    assert tuned_record["reproduce"] == (
+        f"{record['reproduce']} && rollcast train-tiny --out TUNED_DIR_1 --seed 5 --finetune-from DIR "
+        "--dit-steps 2 --clips 2 --batch 1")
+    assert tuned_record["config"]["own_context_after"] == 0.0
+    base_dit = (out / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert (tuned / "diffusion_pytorch_model.safetensors").read_bytes() != base_dit
+    assert (tuned / "taew2_1.safetensors").read_bytes() == (out / "taew2_1.safetensors").read_bytes()
+    assert main(["train-tiny", "--out", str(tmp_path / "y"), "--finetune-from", str(vae_dir)]) == 2
+    assert "no diffusion_pytorch_model.safetensors" in capsys.readouterr().err

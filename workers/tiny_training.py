@@ -18,6 +18,8 @@
    stream with baked RoPE are in the training distribution. A window's first block has no loss
    unless it follows the sink (it never lacks its predecessor at inference). Late in training half
    the batches swap the clean context for the model's own rollouts (`with_own_context`).
+4. Optionally (`finetune_tiny`), a Self-Forcing-style fine-tune of a trained model: most batches
+   on its own rollouts as deep as the window, from the first step, at a lower learning rate.
 
 Timesteps follow the sampler's shifted schedule, with extra weight on t = 1000 (the one-step
 sampler's only step). Clean context is lightly noised: at inference it is the model's own output.
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rollcast.workers.causal_wan import CausalWanModel
-from rollcast.workers.checkpoint import synthetic_model, write_checkpoint
+from rollcast.workers.checkpoint import load_checkpoint, synthetic_model, write_checkpoint
 from rollcast.workers.model_config import ModelConfig
 from rollcast.workers.model_files import BASE_DIT_PREFIX, TINY_VAE_FILES, WORD_TEXT_ENCODER_FILE
 from rollcast.workers.prompt_kv import PromptBatch
@@ -339,6 +341,9 @@ class TeacherForcingBatch:
     positions: Tensor  # [B, 2n]
     target: Tensor  # [B, C, n, h, w]
     weight: Tensor  # [B, 1, n, h, w]: 1, or 1 + object_loss_weight where an object is
+    # [B, n] bool: clean frames that stay the data in `with_own_context` (a window's first block
+    # when it does not follow the sink: it stands for the block a stream's cache always has there)
+    given: Tensor
     prompts: list[str]
     fpb: int  # latent frames per block
 
@@ -392,7 +397,7 @@ def sample_sigmas(n: int, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
 
 def make_batch(data: LatentSet, cfg: TrainConfig, fpb: int, gen: torch.Generator) -> TeacherForcingBatch:
     total_blocks = data.latents.shape[2] // fpb
-    xs, ts, ps, targets, weights, prompts = [], [], [], [], [], []
+    xs, ts, ps, targets, weights, givens, prompts = [], [], [], [], [], [], []
     # Half the batches use the shortest window (cheap, and most of what the first blocks learn
     # from); the rest up to `window_blocks`, so the model sees as much context as the cache holds.
     window = 2 if torch.rand(1, generator=gen).item() < 0.5 else int(
@@ -420,16 +425,21 @@ def make_batch(data: LatentSet, cfg: TrainConfig, fpb: int, gen: torch.Generator
         ps.append(torch.cat([pos, pos]))
         targets.append(noise - x0)
         weight = 1 + cfg.object_loss_weight * data.objects[i][frames].float()[None]
+        given = torch.zeros(len(frames), dtype=torch.bool)
         if s > 1:
             # The first window block then sees only the sink, frames earlier: where the object is
             # by now is unknowable (the RoPE offset hides the time), so its L2 optimum is the mean
             # of the positions, a streak along the axis of motion. At inference the block before
             # is always in the cache, so the block is context for the others and has no loss.
+            # In own-context batches it stays the data for the same reason: predicted, it is that
+            # streak, and every later block's context would grow from it (run 6's rollouts did).
             weight[:, fpb:2 * fpb] = 0
+            given[fpb:2 * fpb] = True
         weights.append(weight)
+        givens.append(given)
         prompts.append(data.prompts[i])
     return TeacherForcingBatch(torch.stack(xs), torch.stack(ts), torch.stack(ps), torch.stack(targets),
-                               torch.stack(weights), prompts, fpb)
+                               torch.stack(weights), torch.stack(givens), prompts, fpb)
 
 
 def prompt_batch(model: CausalWanModel, context: Tensor) -> PromptBatch:
@@ -470,16 +480,20 @@ def with_own_context(model: CausalWanModel, text: WordTextEncoder, batch: Teache
     """The batch with its clean context replaced by the model's own one-step predictions. Pass 1
     draws each block from pure noise given the true blocks before it; pass k does it again given
     pass k-1's blocks, so after k passes blocks 0..k-1 are exactly a k-block autoregressive
-    rollout (the same noise per block) and later blocks sit on k-deep rollouts. At inference the
+    rollout (the same noise per block) and later blocks sit on k-deep rollouts. Frames the batch
+    marks `given` stay the data: a window's first block that does not follow the sink is the
+    rollout's starting point, as the cache's previous block is at inference. At inference the
     cache holds the model's outputs, not the data; training on them teaches it to pull a drifting
     or blurred object back onto the prompted path instead of fading it out (exposure bias)."""
     f = batch.x.shape[2] // 2
     noise = torch.randn(batch.target.shape, generator=gen)
     t = torch.cat([batch.t[:, :f], torch.full_like(batch.t[:, f:], 1000.0)], 1)
-    context = batch.x[:, :, :f]
-    for _ in range(passes):
+    data = batch.x[:, :, :f]
+    keep = batch.given[:, None, :, None, None]
+    context = data
+    for _ in range(min(passes, f // batch.fpb)):  # more passes than blocks change nothing
         probe = dataclasses.replace(batch, x=torch.cat([context, noise], 2), t=t)
-        context = noise - dit_flow(model, text, probe)
+        context = torch.where(keep, data, noise - dit_flow(model, text, probe))
     return dataclasses.replace(batch, x=torch.cat([context, batch.x[:, :, f:]], 2))
 
 
@@ -500,8 +514,28 @@ def new_dit(cfg: TrainConfig) -> tuple[CausalWanModel, WordTextEncoder]:
     return model, WordTextEncoder(VOCABULARY, mc.text_dim, mc.text_len)
 
 
-def train_dit(data: LatentSet, cfg: TrainConfig, log: Log | None = None) -> DiTTraining:
-    model, text = new_dit(cfg)
+def load_trained_dit(root: str | Path) -> tuple[CausalWanModel, WordTextEncoder]:
+    """The DiT and word text encoder of a model directory `write_trained_dir` wrote."""
+    root = Path(root)
+    weights, text_file = root / f"{BASE_DIT_PREFIX}.safetensors", root / WORD_TEXT_ENCODER_FILE
+    missing = next((f.name for f in (weights, text_file) if not f.is_file()), None)
+    if missing:
+        raise ValueError(f"{root}: no {missing} there (not a model directory train-tiny wrote)")
+    model = load_checkpoint(synthetic_model(tiny_config()), weights)
+    return model, WordTextEncoder.load(text_file)
+
+
+def finetune_config(cfg: TrainConfig) -> TrainConfig:
+    """A Self-Forcing-style fine-tune of a trained model on its own rollouts: own context from the
+    first step in most batches, rollouts as deep as the window, a lower learning rate."""
+    return dataclasses.replace(cfg, lr=3e-4, warmup=25, own_context_after=0.0, own_context_share=0.75,
+                               rollout_passes=cfg.window_blocks + 1)
+
+
+def train_dit(data: LatentSet, cfg: TrainConfig, log: Log | None = None,
+              init: tuple[CausalWanModel, WordTextEncoder] | None = None) -> DiTTraining:
+    """Train the DiT + text encoder from scratch, or on from `init` (a fine-tune)."""
+    model, text = init or new_dit(cfg)
     model.train().requires_grad_(True)
     text.train().requires_grad_(True)
     run = DiTTraining(model, text, copy.deepcopy(model).requires_grad_(False),
@@ -595,7 +629,7 @@ def load_trained_vae(root: str | Path) -> tuple[TinyVAE, dict[str, object]]:
     record_file, weights = root / RECORD_FILE, root / TINY_VAE_FILES[0]
     missing = next((f.name for f in (record_file, weights) if not f.is_file()), None)
     if missing:
-        raise ValueError(f"--vae-from {root}: no {missing} there (write a VAE directory with --vae-only)")
+        raise ValueError(f"{root}: no {missing} there (not a directory train-tiny wrote)")
     vae = TinyVAE.build(TinyVAEConfig.preset("small"), checkpoint=weights)
     return vae, json.loads(record_file.read_text())
 
@@ -647,5 +681,37 @@ def train_tiny(out: str | Path, cfg: TrainConfig, *, minutes: float | None = Non
         # The same weights from fixed step counts (same seed; fp sums may differ across thread counts).
         "reproduce": reproduce,
         "vae_reconstruction": vae_colour, "dit_loss_curve": run.losses, "torch": torch.__version__,
+    }
+    return write_trained_dir(out, run.ema_model, vae, run.ema_text, record)
+
+
+def finetune_tiny(out: str | Path, cfg: TrainConfig, base: str | Path, *, minutes: float | None = None,
+                  command: str = "", log: Log | None = None) -> Path:
+    """Fine-tune the DiT + text encoder of the model directory `base` on their own rollouts
+    (`finetune_config`), with its VAE, on the clips of `cfg.seed`; writes a model directory whose
+    record reproduces `base` and then this run."""
+    t0 = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    cfg = finetune_config(cfg)
+    vae, base_record = load_trained_vae(base)
+    init = load_trained_dit(base)
+    data = encode_clips(vae, cfg)
+    enc_s = time.monotonic() - t0
+    if log:
+        log({"phase": "latents", "clips": len(data.prompts), "seconds": round(enc_s, 1)})
+    if minutes is not None:
+        cfg = dataclasses.replace(cfg, dit_steps=10**9, dit_seconds=max(60.0 * minutes - enc_s - 20.0, 1.0))
+    run = train_dit(data, cfg, log, init=init)
+    # Each fine-tune in a chain writes TUNED_DIR_<k>, from the directory the step before wrote.
+    k = base_record["reproduce"].count("--finetune-from") + 1
+    source = "DIR" if k == 1 else f"TUNED_DIR_{k - 1}"
+    reproduce = (f"{base_record['reproduce']} && rollcast train-tiny --out TUNED_DIR_{k} --seed {cfg.seed} "
+                 f"--finetune-from {source} --dit-steps {run.steps} --clips {cfg.clips} --batch {cfg.batch}")
+    record = {
+        "command": command, "seed": cfg.seed, "config": asdict(cfg), "dit_steps_done": run.steps,
+        "finetune_from": {"path": str(base), "record": base_record},
+        "seconds": {"latents": round(enc_s, 1), "total": round(time.monotonic() - t0, 1)},
+        "reproduce": reproduce, "vae_reconstruction": base_record["vae_reconstruction"],
+        "dit_loss_curve": run.losses, "torch": torch.__version__,
     }
     return write_trained_dir(out, run.ema_model, vae, run.ema_text, record)
