@@ -55,18 +55,14 @@ def run(args: argparse.Namespace) -> int:
     command = shlex.join(["rollcast", "train-tiny", *sys.argv[2:]]) if len(sys.argv) > 1 else "train-tiny"
     if args.vae_only:
         out = train_vae_dir(args.out, cfg, minutes=args.minutes, command=command, log=log)
-        record = json.loads((out / "train_tiny.json").read_text())
-        print(json.dumps({"written": str(out), "seed": args.seed, "vae_steps": record["vae_steps_done"],
-                          "vae_reconstruction": record["vae_reconstruction"]}))
-        return 0
-    if args.finetune_from:
+    elif args.finetune_from:
         out = finetune_tiny(args.out, cfg, args.finetune_from, minutes=args.minutes, command=command, log=log)
-        record = json.loads((out / "train_tiny.json").read_text())
-        print(json.dumps({"written": str(out), "seed": args.seed, "dit_steps": record["dit_steps_done"],
-                          "seconds": record["seconds"]["total"]}))
-        return 0
-    out = train_tiny(args.out, cfg, minutes=args.minutes, command=command, log=log, vae_from=args.vae_from)
+    else:
+        out = train_tiny(args.out, cfg, minutes=args.minutes, command=command, log=log,
+                         vae_from=args.vae_from)
     record = json.loads((out / "train_tiny.json").read_text())
-    print(json.dumps({"written": str(out), "seed": args.seed, "vae_steps": record["vae_steps_done"],
-                      "dit_steps": record["dit_steps_done"], "seconds": record["seconds"]["total"]}))
+    summary = {"written": str(out), "seed": args.seed, "vae_steps": record.get("vae_steps_done"),
+               "dit_steps": record.get("dit_steps_done"), "seconds": record["seconds"].get("total"),
+               "vae_reconstruction": record["vae_reconstruction"]}
+    print(json.dumps({k: v for k, v in summary.items() if v is not None}))
     return 0

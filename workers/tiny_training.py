@@ -514,13 +514,18 @@ def new_dit(cfg: TrainConfig) -> tuple[CausalWanModel, WordTextEncoder]:
     return model, WordTextEncoder(VOCABULARY, mc.text_dim, mc.text_len)
 
 
+def require_files(*files: Path) -> None:
+    """A clear error for the first of `files` missing from the directory train-tiny should have written."""
+    missing = next((f for f in files if not f.is_file()), None)
+    if missing:
+        raise ValueError(f"{missing.parent}: no {missing.name} there (not a directory train-tiny wrote)")
+
+
 def load_trained_dit(root: str | Path) -> tuple[CausalWanModel, WordTextEncoder]:
     """The DiT and word text encoder of a model directory `write_trained_dir` wrote."""
     root = Path(root)
     weights, text_file = root / f"{BASE_DIT_PREFIX}.safetensors", root / WORD_TEXT_ENCODER_FILE
-    missing = next((f.name for f in (weights, text_file) if not f.is_file()), None)
-    if missing:
-        raise ValueError(f"{root}: no {missing} there (not a model directory train-tiny wrote)")
+    require_files(weights, text_file)
     model = load_checkpoint(synthetic_model(tiny_config()), weights)
     return model, WordTextEncoder.load(text_file)
 
@@ -627,9 +632,7 @@ def load_trained_vae(root: str | Path) -> tuple[TinyVAE, dict[str, object]]:
     """The VAE of a directory `train_vae_dir` (or `train_tiny`) wrote, and its record."""
     root = Path(root)
     record_file, weights = root / RECORD_FILE, root / TINY_VAE_FILES[0]
-    missing = next((f.name for f in (record_file, weights) if not f.is_file()), None)
-    if missing:
-        raise ValueError(f"{root}: no {missing} there (not a directory train-tiny wrote)")
+    require_files(record_file, weights)
     vae = TinyVAE.build(TinyVAEConfig.preset("small"), checkpoint=weights)
     return vae, json.loads(record_file.read_text())
 
