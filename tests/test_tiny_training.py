@@ -287,3 +287,6 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     assert (tuned / "taew2_1.safetensors").read_bytes() == (out / "taew2_1.safetensors").read_bytes()
     assert main(["train-tiny", "--out", str(tmp_path / "y"), "--finetune-from", str(vae_dir)]) == 2
     assert "no diffusion_pytorch_model.safetensors" in capsys.readouterr().err
+    (vae_dir / "train_tiny.json").write_text("{")
+    assert main(["train-tiny", "--out", str(tmp_path / "z"), "--finetune-from", str(vae_dir)]) == 2
+    assert "train_tiny.json: not a train-tiny record" in capsys.readouterr().err

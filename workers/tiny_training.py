@@ -633,8 +633,14 @@ def load_trained_vae(root: str | Path) -> tuple[TinyVAE, dict[str, object]]:
     root = Path(root)
     record_file, weights = root / RECORD_FILE, root / TINY_VAE_FILES[0]
     require_files(record_file, weights)
-    vae = TinyVAE.build(TinyVAEConfig.preset("small"), checkpoint=weights)
-    return vae, json.loads(record_file.read_text())
+    try:
+        record = json.loads(record_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{record_file}: not a train-tiny record ({e})") from None
+    lacking = [k for k in ("reproduce", "vae_reconstruction") if k not in record]
+    if lacking:
+        raise ValueError(f"{record_file}: not a train-tiny record (no {', '.join(lacking)})")
+    return TinyVAE.build(TinyVAEConfig.preset("small"), checkpoint=weights), record
 
 
 def train_tiny(out: str | Path, cfg: TrainConfig, *, minutes: float | None = None, command: str = "",
