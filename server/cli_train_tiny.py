@@ -24,11 +24,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="wall-clock budget (the VAE's steps or a quarter of it, the rest for the DiT); "
                         "the step counts reached are recorded in train_tiny.json (default: run the step "
                         "counts)")
-    p.add_argument("--vae-steps", type=positive_int, default=TrainConfig.vae_steps)
-    p.add_argument("--dit-steps", type=positive_int, default=TrainConfig.dit_steps)
-    p.add_argument("--clips", type=positive_int, default=TrainConfig.clips,
-                   help="dataset clips encoded for the DiT")
-    p.add_argument("--batch", type=positive_int, default=TrainConfig.batch)
+    # Step and size flags default to None so that one a phase would ignore is an error, not a no-op.
+    p.add_argument("--vae-steps", type=positive_int, default=None,
+                   help=f"VAE training steps (default {TrainConfig.vae_steps})")
+    p.add_argument("--dit-steps", type=positive_int, default=None,
+                   help=f"DiT training steps (default {TrainConfig.dit_steps})")
+    p.add_argument("--clips", type=positive_int, default=None,
+                   help=f"dataset clips encoded for the DiT (default {TrainConfig.clips})")
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help=f"DiT batch (default {TrainConfig.batch})")
     phase = p.add_mutually_exclusive_group()
     phase.add_argument("--vae-only", action="store_true",
                        help="train the VAE alone and write it (with train_tiny.json) to --out")
@@ -41,13 +45,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
 
 
+def _reject_ignored_flags(args: argparse.Namespace) -> None:
+    """A flag the chosen phase does not use would silently change nothing; name it instead."""
+    if args.vae_steps is not None and (args.vae_from or args.finetune_from):
+        phase = "--vae-from" if args.vae_from else "--finetune-from"
+        raise ValueError(f"--vae-steps: {phase} reuses a trained VAE, so no VAE steps run")
+    if args.vae_only:
+        for flag in ("dit_steps", "clips", "batch"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')}: --vae-only trains no DiT")
+
+
 def run(args: argparse.Namespace) -> int:
+    _reject_ignored_flags(args)
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"--out {args.out}: exists and is not empty")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, dit_steps=args.dit_steps, clips=args.clips,
-                      batch=args.batch)
+    given = {k: getattr(args, k) for k in ("vae_steps", "dit_steps", "clips", "batch")
+             if getattr(args, k) is not None}
+    cfg = TrainConfig(seed=args.seed, **given)
 
     def log(record: dict[str, object]) -> None:
         print(json.dumps(record), file=sys.stderr, flush=True)

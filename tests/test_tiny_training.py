@@ -258,11 +258,17 @@ def test_train_tiny_writes_a_directory_the_pipeline_loads(tmp_path: Path, capsys
 
 def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) -> None:
     vae_dir, out = tmp_path / "vae", tmp_path / "m"
-    common = ["--seed", "4", "--vae-steps", "2", "--dit-steps", "2", "--clips", "2", "--batch", "1"]
-    assert main(["train-tiny", "--out", str(vae_dir), "--vae-only", *common]) == 0
+    dit = ["--seed", "4", "--dit-steps", "2", "--clips", "2", "--batch", "1"]
+    assert main(["train-tiny", "--out", str(vae_dir), "--vae-only", "--seed", "4", "--vae-steps", "2"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["vae_steps"] == 2
     assert sorted(p.name for p in vae_dir.iterdir()) == ["taew2_1.safetensors", "train_tiny.json"]
-    assert main(["train-tiny", "--out", str(out), "--vae-from", str(vae_dir), *common]) == 0
+    # A flag the phase would ignore is refused, naming it, before anything is written.
+    assert main(["train-tiny", "--out", str(out), "--vae-from", str(vae_dir), "--vae-steps", "2", *dit]) == 2
+    assert "--vae-steps: --vae-from reuses a trained VAE" in capsys.readouterr().err
+    assert main(["train-tiny", "--out", str(tmp_path / "w"), "--vae-only", "--clips", "2"]) == 2
+    assert "--clips: --vae-only trains no DiT" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "w").exists()
+    assert main(["train-tiny", "--out", str(out), "--vae-from", str(vae_dir), *dit]) == 0
     record = json.loads((out / "train_tiny.json").read_text())
     assert record["vae_from"]["path"] == str(vae_dir)
     assert record["reproduce"] == (
