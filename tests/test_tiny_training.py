@@ -26,6 +26,7 @@ from rollcast.workers.tiny_training import (
     make_batch,
     new_dit,
     reconstruction_loss,
+    smear_along,
     teacher_forcing_attention,
     teacher_forcing_mask,
     vae_colour_accuracy,
@@ -296,3 +297,19 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     (vae_dir / "train_tiny.json").write_text("{")
     assert main(["train-tiny", "--out", str(tmp_path / "z"), "--finetune-from", str(vae_dir)]) == 2
     assert "train_tiny.json: not a train-tiny record" in capsys.readouterr().err
+
+
+def test_smear_stretches_an_object_along_its_axis_at_full_strength() -> None:
+    bg = torch.tensor([0.5, -1.0]).view(2, 1, 1, 1)
+    latents = bg.expand(2, 1, 8, 8).clone()
+    latents[:, 0, 3, 4] = torch.tensor([2.0, 1.0])  # a one-latent object at y=3, x=4
+    objects = torch.zeros(1, 8, 8, dtype=torch.bool)
+    objects[0, 3, 4] = True
+    out = smear_along(latents, objects, axis=-1, reach=2)
+    streak = torch.zeros(8, 8, dtype=torch.bool)
+    streak[3, 2:7] = True  # x 4 +- 2, same row
+    assert torch.equal(out[:, 0, streak], latents[:, 0, 3, 4, None].expand(2, 5))
+    assert torch.equal(out[:, 0, ~streak], bg[:, 0, 0].expand(2, 59))
+    down = smear_along(latents, objects, axis=-2, reach=1)
+    assert torch.equal(down[0, 0, :, 4], torch.tensor([0.5, 0.5, 2.0, 2.0, 2.0, 0.5, 0.5, 0.5]))
+

@@ -48,7 +48,7 @@ from rollcast.workers.model_files import BASE_DIT_PREFIX, TINY_VAE_FILES, WORD_T
 from rollcast.workers.prompt_kv import PromptBatch
 from rollcast.workers.rope import apply_rope
 from rollcast.workers.shape_detector import score_video
-from rollcast.workers.shapes_dataset import BACKGROUNDS, VOCABULARY, ShapesDataset, trajectory
+from rollcast.workers.shapes_dataset import BACKGROUNDS, VOCABULARY, ShapesDataset, parse_prompt, trajectory
 from rollcast.workers.tiny_text import WordTextEncoder
 from rollcast.workers.tiny_vae import (
     FRAMES_TO_TRIM,
@@ -105,6 +105,14 @@ class TrainConfig:
     # j <= k, the compounding errors a stream's cache holds (Self-Forcing's exposure), in k passes.
     rollout_passes: int = 3
     max_position_offset: int = 1300  # latent frames (5000 video frames ≈ 1250)
+    # Share of samples whose window context (not the sink) is smeared along the first object's
+    # axis of motion while the target stays the sharp data. Long streams fail by growing the
+    # object into a streak along that axis (the L2 optimum where the position is uncertain), and
+    # a streak in the cache begets a longer one; no rollout as short as a clip ever shows one, so
+    # this teaches the way back to a sharp object at the streak's centre (docs/quality.md, run 12).
+    # 0 draws no extra random numbers, so earlier runs' fixed-step lines reproduce unchanged.
+    smear_share: float = 0.0
+    max_smear: int = 4  # latents each way (an object's radius is 2)
     # Wall-clock limits (seconds; None: only the step counts stop training).
     vae_seconds: float | None = None
     dit_seconds: float | None = None
@@ -388,6 +396,23 @@ def teacher_forcing_attention(q: Tensor, k: Tensor, v: Tensor, blocks: int, fpb:
     return torch.cat([*clean_out, *noisy_out], 2).transpose(1, 2)
 
 
+MOTION_AXIS = {"left": -1, "right": -1, "up": -2, "down": -2}  # latent dim a direction moves along
+
+
+def smear_along(latents: Tensor, objects: Tensor, axis: int, reach: int) -> Tensor:
+    """Latents [C, F, h, w] with each object stretched `reach` latents both ways along `axis`
+    (-1: x, -2: y), at full strength: every latent takes the value, among its neighbours within
+    `reach` on that axis, that stands out most from the background (the per-channel median of the
+    latents `objects` [F, h, w] leaves unmarked), as the decoded streaks of long streams do."""
+    bg = latents.permute(1, 2, 3, 0)[~objects].median(0).values.view(-1, 1, 1, 1)
+    d = latents - bg
+    size = d.shape[axis]
+    padded = F.pad(d, [reach, reach, 0, 0] if axis == -1 else [0, 0, reach, reach])
+    shifts = torch.stack([padded.narrow(axis, i, size) for i in range(2 * reach + 1)])
+    pick = shifts.norm(dim=1, keepdim=True).argmax(0, keepdim=True)  # [1, 1, F, h, w]
+    return bg + shifts.gather(0, pick.expand(1, *d.shape))[0]
+
+
 def sample_sigmas(n: int, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
     u = torch.rand(n, generator=gen, dtype=torch.float64)
     sigma = cfg.shift * u / (1 + (cfg.shift - 1) * u)
@@ -420,6 +445,10 @@ def make_batch(data: LatentSet, cfg: TrainConfig, fpb: int, gen: torch.Generator
         noisy = (1 - s_) * x0 + s_ * noise
         ctx_sigma = cfg.context_noise * torch.rand(1, generator=gen).item()
         clean = x0 + ctx_sigma * torch.randn(x0.shape, generator=gen)
+        if cfg.smear_share > 0 and torch.rand(1, generator=gen).item() < cfg.smear_share:
+            axis = MOTION_AXIS[parse_prompt(data.prompts[i], cfg.width, cfg.height).objects[0].direction]
+            reach = int(torch.randint(1, cfg.max_smear + 1, (1,), generator=gen))
+            clean[:, fpb:] = smear_along(clean[:, fpb:], data.objects[i][frames[fpb:]], axis, reach)
         xs.append(torch.cat([clean, noisy], 1))
         ts.append(torch.cat([torch.zeros(len(frames)), sigma * 1000]))
         ps.append(torch.cat([pos, pos]))
