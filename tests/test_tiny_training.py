@@ -312,4 +312,3 @@ def test_smear_stretches_an_object_along_its_axis_at_full_strength() -> None:
     assert torch.equal(out[:, 0, ~streak], bg[:, 0, 0].expand(2, 59))
     down = smear_along(latents, objects, axis=-2, reach=1)
     assert torch.equal(down[0, 0, :, 4], torch.tensor([0.5, 0.5, 2.0, 2.0, 2.0, 0.5, 0.5, 0.5]))
-

@@ -48,7 +48,14 @@ from rollcast.workers.model_files import BASE_DIT_PREFIX, TINY_VAE_FILES, WORD_T
 from rollcast.workers.prompt_kv import PromptBatch
 from rollcast.workers.rope import apply_rope
 from rollcast.workers.shape_detector import score_video
-from rollcast.workers.shapes_dataset import BACKGROUNDS, VOCABULARY, ShapesDataset, parse_prompt, trajectory
+from rollcast.workers.shapes_dataset import (
+    BACKGROUNDS,
+    DIRECTIONS,
+    VOCABULARY,
+    ShapesDataset,
+    parse_prompt,
+    trajectory,
+)
 from rollcast.workers.tiny_text import WordTextEncoder
 from rollcast.workers.tiny_vae import (
     FRAMES_TO_TRIM,
@@ -109,7 +116,8 @@ class TrainConfig:
     # axis of motion while the target stays the sharp data. Long streams fail by growing the
     # object into a streak along that axis (the L2 optimum where the position is uncertain), and
     # a streak in the cache begets a longer one; no rollout as short as a clip ever shows one, so
-    # this teaches the way back to a sharp object at the streak's centre (docs/quality.md, run 12).
+    # this teaches the way back to a sharp object at the streak's centre (docs/quality.md, "What
+    # the lost frames look like").
     # 0 draws no extra random numbers, so earlier runs' fixed-step lines reproduce unchanged.
     smear_share: float = 0.0
     max_smear: int = 4  # latents each way (an object's radius is 2)
@@ -396,9 +404,6 @@ def teacher_forcing_attention(q: Tensor, k: Tensor, v: Tensor, blocks: int, fpb:
     return torch.cat([*clean_out, *noisy_out], 2).transpose(1, 2)
 
 
-MOTION_AXIS = {"left": -1, "right": -1, "up": -2, "down": -2}  # latent dim a direction moves along
-
-
 def smear_along(latents: Tensor, objects: Tensor, axis: int, reach: int) -> Tensor:
     """Latents [C, F, h, w] with each object stretched `reach` latents both ways along `axis`
     (-1: x, -2: y), at full strength: every latent takes the value, among its neighbours within
@@ -446,7 +451,8 @@ def make_batch(data: LatentSet, cfg: TrainConfig, fpb: int, gen: torch.Generator
         ctx_sigma = cfg.context_noise * torch.rand(1, generator=gen).item()
         clean = x0 + ctx_sigma * torch.randn(x0.shape, generator=gen)
         if cfg.smear_share > 0 and torch.rand(1, generator=gen).item() < cfg.smear_share:
-            axis = MOTION_AXIS[parse_prompt(data.prompts[i], cfg.width, cfg.height).objects[0].direction]
+            dx, _ = DIRECTIONS[parse_prompt(data.prompts[i], cfg.width, cfg.height).objects[0].direction]
+            axis = -1 if dx else -2  # latent w, or h
             reach = int(torch.randint(1, cfg.max_smear + 1, (1,), generator=gen))
             clean[:, fpb:] = smear_along(clean[:, fpb:], data.objects[i][frames[fpb:]], axis, reach)
         xs.append(torch.cat([clean, noisy], 1))
