@@ -55,6 +55,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser, *, checkpoint_help: str, policy: str = "self-forcing") -> None:
     p.add_argument("--config", default=None, choices=sorted(PRESETS),
                    help="model preset (default: the checkpoint's config.json, else tiny)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from rollcast.server.cli_args import positive_float, positive_int
+from rollcast.server.cli_args import fraction, positive_float, positive_int
 from rollcast.workers.tiny_training import TrainConfig, finetune_tiny, train_tiny, train_vae_dir
 
 
@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"dataset clips encoded for the DiT (default {TrainConfig.clips})")
     p.add_argument("--batch", type=positive_int, default=None,
                    help=f"DiT batch (default {TrainConfig.batch})")
+    p.add_argument("--smear-share", type=fraction, default=None,
+                   help="share of DiT samples whose window context is smeared along the object's motion "
+                        f"axis, the target kept sharp (default {TrainConfig.smear_share})")
     phase = p.add_mutually_exclusive_group()
     phase.add_argument("--vae-only", action="store_true",
                        help="train the VAE alone and write it (with train_tiny.json) to --out")
@@ -51,7 +54,7 @@ def _reject_ignored_flags(args: argparse.Namespace) -> None:
         phase = "--vae-from" if args.vae_from else "--finetune-from"
         raise ValueError(f"--vae-steps: {phase} reuses a trained VAE, so no VAE steps run")
     if args.vae_only:
-        for flag in ("dit_steps", "clips", "batch"):
+        for flag in ("dit_steps", "clips", "batch", "smear_share"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')}: --vae-only trains no DiT")
 
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: exists and is not empty")
     if args.threads:
         torch.set_num_threads(args.threads)
-    given = {k: getattr(args, k) for k in ("vae_steps", "dit_steps", "clips", "batch")
+    given = {k: getattr(args, k) for k in ("vae_steps", "dit_steps", "clips", "batch", "smear_share")
              if getattr(args, k) is not None}
     cfg = TrainConfig(seed=args.seed, **given)
 

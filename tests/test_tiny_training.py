@@ -268,6 +268,11 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     assert "--vae-steps: --vae-from reuses a trained VAE" in capsys.readouterr().err
     assert main(["train-tiny", "--out", str(tmp_path / "w"), "--vae-only", "--clips", "2"]) == 2
     assert "--clips: --vae-only trains no DiT" in capsys.readouterr().err
+    assert main(["train-tiny", "--out", str(tmp_path / "w"), "--vae-only", "--smear-share", "0.5"]) == 2
+    assert "--smear-share: --vae-only trains no DiT" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train-tiny", "--out", str(tmp_path / "w"), "--smear-share", "1.5"])
+    assert "expected a number from 0 to 1, got '1.5'" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "w").exists()
     assert main(["train-tiny", "--out", str(out), "--vae-from", str(vae_dir), *dit]) == 0
     record = json.loads((out / "train_tiny.json").read_text())
@@ -282,13 +287,13 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     # A fine-tune of that model on its own rollouts: its record reproduces the base, then itself.
     tuned = tmp_path / "tuned"
     assert main(["train-tiny", "--out", str(tuned), "--finetune-from", str(out), "--seed", "5",
-                 "--dit-steps", "2", "--clips", "2", "--batch", "1"]) == 0
+                 "--dit-steps", "2", "--clips", "2", "--batch", "1", "--smear-share", "0.5"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["dit_steps"] == 2
     tuned_record = json.loads((tuned / "train_tiny.json").read_text())
     assert tuned_record["reproduce"] == (
         f"{record['reproduce']} && rollcast train-tiny --out TUNED_DIR_1 --seed 5 --finetune-from DIR "
-        "--dit-steps 2 --clips 2 --batch 1")
-    assert tuned_record["config"]["own_context_after"] == 0.0
+        "--dit-steps 2 --clips 2 --batch 1 --smear-share 0.5")
+    assert tuned_record["config"]["own_context_after"] == 0.0 and tuned_record["config"]["smear_share"] == 0.5
     base_dit = (out / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (tuned / "diffusion_pytorch_model.safetensors").read_bytes() != base_dit
     assert (tuned / "taew2_1.safetensors").read_bytes() == (out / "taew2_1.safetensors").read_bytes()
@@ -312,3 +317,30 @@ def test_smear_stretches_an_object_along_its_axis_at_full_strength() -> None:
     assert torch.equal(out[:, 0, ~streak], bg[:, 0, 0].expand(2, 59))
     down = smear_along(latents, objects, axis=-2, reach=1)
     assert torch.equal(down[0, 0, :, 4], torch.tensor([0.5, 0.5, 2.0, 2.0, 2.0, 0.5, 0.5, 0.5]))
+
+
+@pytest.mark.parametrize(("direction", "axis"), [("left", -1), ("up", -2)])
+def test_make_batch_smears_only_the_window_context_along_the_motion_axis(direction: str, axis: int) -> None:
+    """With smear_share 1 every sample's window context is the smeared data; the sink, the noisy
+    half and the flow target stay those of the sharp data (the same draws as smear_share 0)."""
+    latents = torch.zeros(1, 16, 15, 8, 8)
+    latents[:, :, :, 3, 4] = 1.0
+    objects = torch.zeros(1, 15, 8, 8, dtype=torch.bool)
+    objects[:, :, 3, 4] = True
+    prompt = f"a red circle moving {direction} slowly on a black background"
+    data = LatentSet(latents.half(), [prompt], objects)
+    cfg = dataclasses.replace(SMALL, batch=1, context_noise=0.0, smear_share=1.0)
+    for seed in range(4):
+        smeared = make_batch(data, cfg, 3, torch.Generator().manual_seed(seed))
+        sharp = dataclasses.replace(cfg, smear_share=0.0)
+        plain = make_batch(data, sharp, 3, torch.Generator().manual_seed(seed))
+        f = plain.target.shape[2]
+        torch.testing.assert_close(smeared.target, plain.target)
+        torch.testing.assert_close(smeared.x[:, :, f:], plain.x[:, :, f:])
+        torch.testing.assert_close(smeared.x[:, :, :3], plain.x[:, :, :3])  # the sink block
+        window = smeared.x[0, 0, 3:f]
+        along = window[:, 3, 3:6] if axis == -1 else window[:, 2:5, 4]
+        across = window[:, 2:5, 4] if axis == -1 else window[:, 3, 3:6]
+        assert (along == 1).all()  # reach >= 1 each way along the axis
+        assert (across == 1).sum() == window.shape[0]  # only the object's own cell across it
+        assert (plain.x[0, 0, 3:f] == 1).sum() == window.shape[0]
