@@ -19,7 +19,6 @@ from rollcast.workers.text_encoder import TextEncoder
 from rollcast.workers.tiny_text import WordTextEncoder
 from rollcast.workers.tiny_training import (
     LatentSet,
-    StepBudget,
     TrainConfig,
     _clips_tensor,
     dit_loss,
@@ -346,26 +345,3 @@ def test_make_batch_smears_only_the_window_context_along_the_motion_axis(directi
         assert (across == 1).sum() == window.shape[0]  # only the object's own cell across it
         assert (plain.x[0, 0, 3:f] == 1).sum() == window.shape[0]
 
-
-def test_step_budget_reestimates_the_total_from_all_steps_so_far(monkeypatch) -> None:
-    clock = [0.0]
-    monkeypatch.setattr("rollcast.workers.tiny_training.time.monotonic", lambda: clock[0])
-    budget = StepBudget(10**9, seconds=1000.0, calibrate=25)
-    for done, step_s in enumerate([0.5] * 25 + [1.5] * 175, start=1):
-        clock[0] += step_s
-        budget.update(done)
-        if done == 25:
-            assert budget.total == 2000  # 1000 s at 0.5 s a step
-        if done == 50:
-            assert budget.total == 1000  # 50 steps in 50 s
-    assert budget.total == 727  # after 200 steps: 200 in 275 s
-    clock[0] += 1000.0
-    budget.update(400)  # past the last re-estimate: the total stays
-    assert budget.total == 727
-    fixed = StepBudget(30, seconds=1000.0, calibrate=25)
-    clock[0] += 1.0
-    fixed.update(25)
-    assert fixed.total == 30  # never above the steps asked for
-    untimed = StepBudget(70, seconds=None, calibrate=25)
-    untimed.update(25)
-    assert untimed.total == 70

@@ -141,23 +141,22 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 class StepBudget:
-    """Total steps: given, or (with a time limit) estimated from the speed of the steps so far
-    after `calibrate` steps and again after 2, 4 and 8 times as many: step times vary with the
-    window each batch draws, so one short warm-up can misjudge the speed by half (run 12)."""
-
-    REESTIMATES = 4  # at calibrate * 1, 2, 4, 8
+    """Total steps: given, or (with a time limit) fixed after `calibrate` steps from their speed.
+    Fixed once, at the end of the warm-up, because lr_factor after the warm-up depends on the
+    total: a later re-estimate would give the steps between a schedule that the record's
+    fixed-step `reproduce` line does not follow. A warm-up that draws short windows can misjudge
+    the speed by half (run 12), which stretches the run, not its reproducibility."""
 
     def __init__(self, steps: int, seconds: float | None, calibrate: int) -> None:
-        self.total = self.cap = steps
+        self.total = steps
         self.seconds = seconds
         self.calibrate = calibrate
         self.t0 = time.monotonic()
 
     def update(self, done: int) -> None:
-        at = {self.calibrate << k for k in range(self.REESTIMATES)}
-        if self.seconds is not None and done in at:
+        if self.seconds is not None and done == self.calibrate:
             per_step = (time.monotonic() - self.t0) / done
-            self.total = min(self.cap, max(done, int(self.seconds / per_step)))
+            self.total = min(self.total, max(done, int(self.seconds / per_step)))
 
 
 def tiny_config() -> ModelConfig:
