@@ -714,12 +714,12 @@ def train_tiny(out: str | Path, cfg: TrainConfig, *, minutes: float | None = Non
         left = 60.0 * minutes - (time.monotonic() - t0) - 20.0
         cfg = dataclasses.replace(cfg, dit_seconds=max(left, 1.0))
     run = train_dit(data, cfg, log)
-    dit_args = f"--dit-steps {run.steps} --clips {cfg.clips} --batch {cfg.batch}{smear_arg(cfg)}"
     if vae_record is None:
-        reproduce = f"rollcast train-tiny --out DIR --seed {cfg.seed} --vae-steps {vae_steps} {dit_args}"
+        reproduce = (f"rollcast train-tiny --out DIR --seed {cfg.seed} --vae-steps {vae_steps} "
+                     f"{dit_args(run.steps, cfg)}")
     else:
-        reproduce = (f"{vae_record['reproduce']} && "
-                     f"rollcast train-tiny --out DIR --seed {cfg.seed} --vae-from VAE_DIR {dit_args}")
+        reproduce = (f"{vae_record['reproduce']} && rollcast train-tiny --out DIR --seed {cfg.seed} "
+                     f"--vae-from VAE_DIR {dit_args(run.steps, cfg)}")
     record = {
         "command": command, "seed": cfg.seed, "config": asdict(cfg),
         "vae_steps_done": vae_steps, "dit_steps_done": run.steps,
@@ -733,9 +733,11 @@ def train_tiny(out: str | Path, cfg: TrainConfig, *, minutes: float | None = Non
     return write_trained_dir(out, run.ema_model, vae, run.ema_text, record)
 
 
-def smear_arg(cfg: TrainConfig) -> str:
-    """The reproduce line's flag for a nonzero smear share (absent at 0: older lines stay valid)."""
-    return f" --smear-share {cfg.smear_share}" if cfg.smear_share else ""
+def dit_args(steps: int, cfg: TrainConfig) -> str:
+    """The DiT flags of a reproduce line: the steps run and the settings the CLI can set (a zero
+    smear share is left out, so earlier runs' lines read as they did)."""
+    smear = f" --smear-share {cfg.smear_share}" if cfg.smear_share else ""
+    return f"--dit-steps {steps} --clips {cfg.clips} --batch {cfg.batch}{smear}"
 
 
 def finetune_tiny(out: str | Path, cfg: TrainConfig, base: str | Path, *, minutes: float | None = None,
@@ -759,8 +761,7 @@ def finetune_tiny(out: str | Path, cfg: TrainConfig, base: str | Path, *, minute
     k = base_record["reproduce"].count("--finetune-from") + 1
     source = "DIR" if k == 1 else f"TUNED_DIR_{k - 1}"
     reproduce = (f"{base_record['reproduce']} && rollcast train-tiny --out TUNED_DIR_{k} --seed {cfg.seed} "
-                 f"--finetune-from {source} --dit-steps {run.steps} --clips {cfg.clips} --batch {cfg.batch}"
-                 f"{smear_arg(cfg)}")
+                 f"--finetune-from {source} {dit_args(run.steps, cfg)}")
     record = {
         "command": command, "seed": cfg.seed, "config": asdict(cfg), "dit_steps_done": run.steps,
         "finetune_from": {"path": str(base), "record": base_record},
