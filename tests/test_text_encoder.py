@@ -443,3 +443,33 @@ def test_cache_with_real_encoder(encoder: UMT5TextEncoder) -> None:
     torch.testing.assert_close(got[1], encoder.encode(["a dog"])[0], atol=1e-5, rtol=1e-5)
     assert got[0].shape == (encoder.text_len, encoder.text_dim)
     assert cache.nbytes == 2 * 32 * 64 * 4
+
+
+def test_umt5_builds_with_the_checkout_first_on_sys_path() -> None:
+    # `python -c` from the checkout puts its root first on sys.path, beside our `kernels/` folder;
+    # transformers (>= 5) imports HF's `kernels` package while loading UMT5EncoderModel.
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    script = (
+        "import sys\n"
+        "from rollcast.workers.text_encoder import TextEncoderConfig, UMT5TextEncoder\n"
+        "enc = UMT5TextEncoder.synthetic(TextEncoderConfig.preset('tiny'), seed=0)\n"
+        "print(enc.encode(['a red circle']).shape)\n"
+        "import kernels\n"
+        "print(kernels.__file__)\n"
+        "print(sys.path[0] == '')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shape, kernels_file, path_kept = out.stdout.split("\n")[:3]
+    assert shape == "torch.Size([1, 32, 64])"
+    assert path_kept == "True"  # sys.path is restored after the import
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    assert not Path(kernels_file).resolve().is_relative_to(root / "kernels")

@@ -38,6 +38,7 @@ from rollcast.workers.text_encoder_keys import (
     to_wan_t5_layout,
     wan_t5_to_hf,
 )
+from rollcast.workers.transformers_import import unshadow_hub_kernels
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
@@ -106,6 +107,7 @@ class TextEncoderConfig:
                              f"{sorted(TEXT_ENCODER_PRESETS)}") from None
 
     def umt5_config(self) -> UMT5Config:
+        unshadow_hub_kernels()
         from transformers import UMT5Config
 
         return UMT5Config(
@@ -134,6 +136,7 @@ TEXT_ENCODER_PRESETS: dict[str, TextEncoderConfig] = {
 
 def load_tokenizer(source: str | Path | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """A tokenizer object as is, or one read from a local directory (never from the hub)."""
+    unshadow_hub_kernels()
     from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
     if isinstance(source, PreTrainedTokenizerBase):
@@ -151,6 +154,7 @@ def load_tokenizer(source: str | Path | PreTrainedTokenizerBase) -> PreTrainedTo
 
 def builtin_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if name == "byt5":
+        unshadow_hub_kernels()
         from transformers import ByT5Tokenizer
 
         return ByT5Tokenizer()
@@ -197,6 +201,7 @@ def synthetic_wan_t5_state_dict(config: TextEncoderConfig, seed: int = 0,
 def _build_umt5(umt5_config: UMT5Config, wan_sd: dict[str, Tensor], device: torch.device | str,
                 dtype: torch.dtype) -> UMT5EncoderModel:
     """`UMT5EncoderModel` holding `wan_sd`, never materialising random weights first."""
+    unshadow_hub_kernels()
     from transformers import UMT5EncoderModel
 
     # Built on meta, so an 11 GB encoder is not initialised in fp32 only to be overwritten.
