@@ -65,12 +65,13 @@ def fraction(text: str) -> float:
     return value
 
 
-def add_model_args(p: argparse.ArgumentParser, *, checkpoint_help: str, policy: str = "self-forcing") -> None:
+def add_model_args(p: argparse.ArgumentParser, *, checkpoint_help: str) -> None:
     p.add_argument("--config", default=None, choices=sorted(PRESETS),
                    help="model preset (default: the checkpoint's config.json, else tiny)")
     p.add_argument("--checkpoint", type=Path, help=checkpoint_help)
     p.add_argument("--lora", type=Path, help="LoRA (PEFT state dict) to merge into the checkpoint")
-    p.add_argument("--policy", default=policy, choices=sorted(POLICIES), help="KV cache policy")
+    p.add_argument("--policy", default=None, choices=sorted(POLICIES),
+                   help="KV cache policy (default: the model's, longlive for tiny, else self-forcing)")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
                    help="sampler preset (default: the policy's family)")
     p.add_argument("--rope", choices=("baked", "late"), help="override the policy's RoPE mode")
@@ -109,16 +110,17 @@ def worker_spec(args: argparse.Namespace, *, v2v: bool = False) -> WorkerSpec:
                else ModelConfig.preset("tiny"))
     else:
         cfg = ModelConfig.preset(args.config)
-    policy = CachePolicy.preset(args.policy)
+    policy_name = args.policy or cfg.default_policy
+    policy = CachePolicy.preset(policy_name)
     if args.rope:
         policy = policy.replace(rope=args.rope)
-    sampler = SamplerConfig.preset(args.sampler or _default_sampler(args.policy, v2v))
+    sampler = SamplerConfig.preset(args.sampler or _default_sampler(policy_name, v2v))
     device = args.device or best_device()
     if device.split(":")[0] not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda given but no CUDA device is available")
-    fpb = args.frames_per_block or (1 if args.policy == "streamdiffusionv2" else None)
+    fpb = args.frames_per_block or (1 if policy_name == "streamdiffusionv2" else None)
     return WorkerSpec(
         config=cfg, policy=policy, sampler=sampler,
         resolution=parse_resolution(args.resolution) if args.resolution else cfg.default_resolution,

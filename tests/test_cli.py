@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 from rollcast.server.cli import main
+from rollcast.server.cli_args import add_model_args, worker_spec
 
 
 def lines(capsys) -> list[dict]:
@@ -17,6 +19,19 @@ def test_model_streams_exact_number_of_blocks(capsys):
     assert out[0]["config"] == "tiny" and out[0]["latent_hw"] == [8, 8]
     assert [o["frames_done"] for o in out[1:]] == [3, 6, 9]
     assert all(o["forwards"] == 3 for o in out[1:])  # 2 steps + context pass
+
+
+@pytest.mark.parametrize(("flags", "policy", "window", "fpb"), [
+    ([], "longlive", 9, None),  # tiny's own default: its weights stream best with a 9-frame window
+    (["--config", "wan-1.3b"], "self-forcing", 18, None),
+    (["--policy", "self-forcing"], "self-forcing", 18, None),
+    (["--config", "wan-1.3b", "--policy", "streamdiffusionv2"], "streamdiffusionv2", 3, 1),
+])
+def test_cache_policy_defaults_to_the_models(flags, policy, window, fpb) -> None:
+    p = argparse.ArgumentParser()
+    add_model_args(p, checkpoint_help="")
+    spec = worker_spec(p.parse_args([*flags, "--device", "cpu"]))
+    assert (spec.policy.name, spec.policy.window_frames, spec.frames_per_block) == (policy, window, fpb)
 
 
 def test_model_runs_a_checkpoint_it_wrote(tmp_path, capsys):

@@ -35,6 +35,8 @@ class ModelConfig:
     # Text encoder preset whose output feeds `text_embedding` (text_dim wide).
     text_encoder: str = "umt5-xxl"
     fps: int = 16  # frames per second of the video the model was trained on
+    # KV cache policy preset used when none is asked for: the one the weights stream best with.
+    default_policy: str = "self-forcing"
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -94,7 +96,9 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         dim=128, ffn_dim=256, num_heads=4, num_layers=4, freq_dim=64, text_dim=64, text_len=32,
         default_resolution=(128, 128), vae_size="small", default_vae="tiny", text_encoder="tiny",
-        name="tiny",
+        # The shipped weights hold motion over long streams and adapt to prompt switches better
+        # with LongLive's 9-frame window and re-cache than with the 18-frame one (docs/quality.md).
+        default_policy="longlive", name="tiny",
     ),
     "wan-1.3b": ModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, name="wan-1.3b"),
     "wan-14b": ModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, name="wan-14b"),
