@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from rollcast.server.cli_args import fraction, positive_float, positive_int
+from rollcast.workers.model_config import ModelConfig
 from rollcast.workers.tiny_training import TrainConfig, finetune_tiny, train_tiny, train_vae_dir
 
 
@@ -36,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smear-share", type=fraction, default=None,
                    help="share of DiT samples whose window context is smeared along the object's motion "
                         f"axis, the target kept sharp (default {TrainConfig.smear_share})")
+    p.add_argument("--window-blocks", type=positive_int, default=None,
+                   help="most context blocks after the sink in a DiT sample, the current one included: "
+                        f"6 matches the self-forcing cache (18 latent frames), 3 longlive's (default "
+                        f"{TrainConfig.window_blocks})")
     phase = p.add_mutually_exclusive_group()
     phase.add_argument("--vae-only", action="store_true",
                        help="train the VAE alone and write it (with train_tiny.json) to --out")
@@ -54,9 +59,13 @@ def _reject_ignored_flags(args: argparse.Namespace) -> None:
         phase = "--vae-from" if args.vae_from else "--finetune-from"
         raise ValueError(f"--vae-steps: {phase} reuses a trained VAE, so no VAE steps run")
     if args.vae_only:
-        for flag in ("dit_steps", "clips", "batch", "smear_share"):
+        for flag in ("dit_steps", "clips", "batch", "smear_share", "window_blocks"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')}: --vae-only trains no DiT")
+    most = TrainConfig.clip_latents // ModelConfig.preset("tiny").frames_per_block - 1  # after the sink
+    if args.window_blocks is not None and not 2 <= args.window_blocks <= most:
+        raise ValueError(f"--window-blocks: must be 2 to {most} (a clip holds the sink block and {most} "
+                         f"more), got {args.window_blocks}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: exists and is not empty")
     if args.threads:
         torch.set_num_threads(args.threads)
-    given = {k: getattr(args, k) for k in ("vae_steps", "dit_steps", "clips", "batch", "smear_share")
+    given = {k: getattr(args, k) for k in ("vae_steps", "dit_steps", "clips", "batch", "smear_share",
+                                           "window_blocks")
              if getattr(args, k) is not None}
     cfg = TrainConfig(seed=args.seed, **given)
 

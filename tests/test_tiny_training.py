@@ -273,6 +273,11 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     with pytest.raises(SystemExit):
         main(["train-tiny", "--out", str(tmp_path / "w"), "--smear-share", "1.5"])
     assert "expected a number from 0 to 1, got '1.5'" in capsys.readouterr().err
+    assert main(["train-tiny", "--out", str(tmp_path / "w"), "--window-blocks", "7"]) == 2
+    assert "--window-blocks: must be 2 to 6 (a clip holds the sink block and 6 more), got 7" in (
+        capsys.readouterr().err)
+    assert main(["train-tiny", "--out", str(tmp_path / "w"), "--vae-only", "--window-blocks", "3"]) == 2
+    assert "--window-blocks: --vae-only trains no DiT" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "w").exists()
     assert main(["train-tiny", "--out", str(out), "--vae-from", str(vae_dir), *dit]) == 0
     record = json.loads((out / "train_tiny.json").read_text())
@@ -287,13 +292,16 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     # A fine-tune of that model on its own rollouts: its record reproduces the base, then itself.
     tuned = tmp_path / "tuned"
     assert main(["train-tiny", "--out", str(tuned), "--finetune-from", str(out), "--seed", "5",
-                 "--dit-steps", "2", "--clips", "2", "--batch", "1", "--smear-share", "0.5"]) == 0
+                 "--dit-steps", "2", "--clips", "2", "--batch", "1", "--smear-share", "0.5",
+                 "--window-blocks", "3"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["dit_steps"] == 2
     tuned_record = json.loads((tuned / "train_tiny.json").read_text())
     assert tuned_record["reproduce"] == (
         f"{record['reproduce']} && rollcast train-tiny --out TUNED_DIR_1 --seed 5 --finetune-from DIR "
-        "--dit-steps 2 --clips 2 --batch 1 --smear-share 0.5")
-    assert tuned_record["config"]["own_context_after"] == 0.0 and tuned_record["config"]["smear_share"] == 0.5
+        "--dit-steps 2 --clips 2 --batch 1 --smear-share 0.5 --window-blocks 3")
+    config = tuned_record["config"]
+    assert config["own_context_after"] == 0.0 and config["smear_share"] == 0.5
+    assert config["window_blocks"] == 3 and config["rollout_passes"] == 4  # rollouts as deep as the window
     base_dit = (out / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (tuned / "diffusion_pytorch_model.safetensors").read_bytes() != base_dit
     assert (tuned / "taew2_1.safetensors").read_bytes() == (out / "taew2_1.safetensors").read_bytes()

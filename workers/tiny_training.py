@@ -735,9 +735,11 @@ def train_tiny(out: str | Path, cfg: TrainConfig, *, minutes: float | None = Non
 
 def dit_args(steps: int, cfg: TrainConfig) -> str:
     """The DiT flags of a reproduce line: the steps run and the settings the CLI can set (a zero
-    smear share is left out, so earlier runs' lines read as they did)."""
+    smear share and the default window are left out, so earlier runs' lines read as they did)."""
     smear = f" --smear-share {cfg.smear_share}" if cfg.smear_share else ""
-    return f"--dit-steps {steps} --clips {cfg.clips} --batch {cfg.batch}{smear}"
+    window = (f" --window-blocks {cfg.window_blocks}"
+              if cfg.window_blocks != TrainConfig.window_blocks else "")
+    return f"--dit-steps {steps} --clips {cfg.clips} --batch {cfg.batch}{smear}{window}"
 
 
 def finetune_tiny(out: str | Path, cfg: TrainConfig, base: str | Path, *, minutes: float | None = None,
