@@ -198,6 +198,25 @@ def test_longlive_recache_rewrites_window_and_keeps_sink(model):
     assert s.next_work is Work.DENOISE and s.prompt is not None
 
 
+def test_longlive_switch_after_the_first_block_has_nothing_to_recache(model):
+    # Only the kept sink is cached: the switch takes effect at the next block, with no forward
+    # over an empty frame list (that crashed `rollcast generate --switch 9:...` on tiny).
+    runner = runner_for(model, CachePolicy.preset("longlive"))
+    s = runner.open("a", random_prompt(model, 1), seed=1)
+    run_blocks(runner, s, 1)
+    runner.run([s])  # context pass of block 0: the sink
+    assert s.frames_done == 3 and s.next_work is Work.DENOISE
+    before = runner.pool.k.clone()
+    new = random_prompt(model, 9)
+    runner.set_prompt(s, new)
+    assert s.next_work is Work.DENOISE and not s.recache_pending
+    assert torch.equal(before, runner.pool.k)
+    assert len(run_blocks(runner, s, 1)) == 1 and s.prompt is new
+    runner.run([s])  # context pass of block 1: one window block cached now, so it is re-cached
+    runner.set_prompt(s, random_prompt(model, 3))
+    assert s.next_work is Work.RECACHE and runner.bucket(s) == ("recache", 3)
+
+
 def test_longlive_recache_without_global_sink_rewrites_sink_too(model):
     policy = CachePolicy.preset("longlive").replace(window_frames=6, keep_sink_on_recache=False)
     runner = runner_for(model, policy)

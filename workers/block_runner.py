@@ -125,7 +125,7 @@ class BlockRunner:
     def set_prompt(self, state: StreamState, prompt: PromptHandle) -> None:
         """Switch prompt at the next block boundary (re-caching first if the policy says so)."""
         state.pending_prompt = prompt
-        if self.policy.recache_on_prompt_switch and state.frames_done > 0:
+        if self._needs_recache(state):
             state.recache_pending = not state.in_block
 
     def add_input(self, state: StreamState, block: BlockInput) -> None:
@@ -267,10 +267,15 @@ class BlockRunner:
         s.frames_done += f
         s.rope_next = s.block_rope_start + f
         s.step, s.latent = 0, None
-        if s.pending_prompt is not None and self.policy.recache_on_prompt_switch:
+        if s.pending_prompt is not None and self._needs_recache(s):
             s.recache_pending = True
 
     # -- LongLive re-cache ----------------------------------------------------------------
+
+    def _needs_recache(self, s: StreamState) -> bool:
+        """A prompt switch re-caches only frames it would rewrite: right after the first block
+        (only the kept sink cached) there are none, and the new prompt simply starts the next block."""
+        return self.policy.recache_on_prompt_switch and bool(self._recache_frames(s))
 
     def _recache_frames(self, s: StreamState) -> list[int]:
         n = s.frames_done
