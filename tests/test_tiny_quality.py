@@ -1,6 +1,6 @@
 """The shipped tiny model (`workers/tiny_default/`) really draws what the prompt asks: a short
 generation through the serving path scores above what the shipped weights measured when they were
-shipped (docs/quality.md, "Runs 7 to 13"), less a margin. A retrained model that is worse fails
+shipped (docs/quality.md, "Runs 7 to 14"), less a margin. A retrained model that is worse fails
 here; so does a shipped directory that lost its record of how it was made."""
 
 from __future__ import annotations
