@@ -62,14 +62,19 @@ def _reject_ignored_flags(args: argparse.Namespace) -> None:
         for flag in ("dit_steps", "clips", "batch", "smear_share", "window_blocks"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')}: --vae-only trains no DiT")
-    most = TrainConfig.clip_latents // ModelConfig.preset("tiny").frames_per_block - 1  # after the sink
-    if args.window_blocks is not None and not 2 <= args.window_blocks <= most:
+
+
+def _check_window_blocks(window_blocks: int | None) -> None:
+    """A sample's window must fit in a clip after its sink block, and hold at least two blocks."""
+    most = TrainConfig.clip_latents // ModelConfig.preset("tiny").frames_per_block - 1
+    if window_blocks is not None and not 2 <= window_blocks <= most:
         raise ValueError(f"--window-blocks: must be 2 to {most} (a clip holds the sink block and {most} "
-                         f"more), got {args.window_blocks}")
+                         f"more), got {window_blocks}")
 
 
 def run(args: argparse.Namespace) -> int:
     _reject_ignored_flags(args)
+    _check_window_blocks(args.window_blocks)
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"--out {args.out}: exists and is not empty")
     if args.threads:

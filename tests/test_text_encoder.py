@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import socket
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -448,10 +451,6 @@ def test_cache_with_real_encoder(encoder: UMT5TextEncoder) -> None:
 def test_umt5_builds_with_the_checkout_first_on_sys_path() -> None:
     # `python -c` from the checkout puts its root first on sys.path, beside our `kernels/` folder;
     # transformers (>= 5) imports HF's `kernels` package while loading UMT5EncoderModel.
-    import importlib.metadata
-    import subprocess
-    import sys
-
     root = Path(__file__).resolve().parent.parent
     script = (
         "import sys\n"

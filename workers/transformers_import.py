@@ -10,6 +10,7 @@ package once with the checkout left off the path, so `sys.modules["kernels"]` is
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -26,6 +27,7 @@ def _shadows(entry: str) -> bool:
         return False
 
 
+@functools.cache  # once per process: every lazy transformers import calls it
 def unshadow_hub_kernels() -> None:
     """Make `kernels` in `sys.modules` the installed distribution, if ours would shadow it."""
     if "kernels" in sys.modules:
