@@ -37,6 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smear-share", type=fraction, default=None,
                    help="share of DiT samples whose window context is smeared along the object's motion "
                         f"axis, the target kept sharp (default {TrainConfig.smear_share})")
+    p.add_argument("--dilate-share", type=fraction, default=None,
+                   help="share of the smeared samples whose objects are dilated on both axes instead "
+                        f"(bloated, as two-object streams fail; default {TrainConfig.dilate_share})")
+    p.add_argument("--two-object-share", type=fraction, default=None,
+                   help="share of DiT samples drawn from two-object clips (a quarter of the dataset; "
+                        f"default {TrainConfig.two_object_share}: uniform)")
     p.add_argument("--window-blocks", type=positive_int, default=None,
                    help="most context blocks after the sink in a DiT sample, the current one included: "
                         f"6 matches the self-forcing cache (18 latent frames), 3 longlive's (default "
@@ -53,13 +59,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
 
 
+DIT_FLAGS = ("dit_steps", "clips", "batch", "smear_share", "dilate_share", "two_object_share",
+             "window_blocks")
+
+
 def _reject_ignored_flags(args: argparse.Namespace) -> None:
     """A flag the chosen phase does not use would silently change nothing; name it instead."""
     if args.vae_steps is not None and (args.vae_from or args.finetune_from):
         phase = "--vae-from" if args.vae_from else "--finetune-from"
         raise ValueError(f"--vae-steps: {phase} reuses a trained VAE, so no VAE steps run")
     if args.vae_only:
-        for flag in ("dit_steps", "clips", "batch", "smear_share", "window_blocks"):
+        for flag in DIT_FLAGS:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')}: --vae-only trains no DiT")
 
@@ -79,9 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: exists and is not empty")
     if args.threads:
         torch.set_num_threads(args.threads)
-    given = {k: getattr(args, k) for k in ("vae_steps", "dit_steps", "clips", "batch", "smear_share",
-                                           "window_blocks")
-             if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("vae_steps", *DIT_FLAGS) if getattr(args, k) is not None}
     cfg = TrainConfig(seed=args.seed, **given)
 
     def log(record: dict[str, object]) -> None:

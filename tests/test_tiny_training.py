@@ -25,6 +25,7 @@ from rollcast.workers.tiny_training import (
     latent_object_mask,
     make_batch,
     new_dit,
+    pick_clip,
     reconstruction_loss,
     smear_along,
     teacher_forcing_attention,
@@ -270,6 +271,8 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     assert "--clips: --vae-only trains no DiT" in capsys.readouterr().err
     assert main(["train-tiny", "--out", str(tmp_path / "w"), "--vae-only", "--smear-share", "0.5"]) == 2
     assert "--smear-share: --vae-only trains no DiT" in capsys.readouterr().err
+    assert main(["train-tiny", "--out", str(tmp_path / "w"), "--vae-only", "--two-object-share", "0.5"]) == 2
+    assert "--two-object-share: --vae-only trains no DiT" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train-tiny", "--out", str(tmp_path / "w"), "--smear-share", "1.5"])
     assert "expected a number from 0 to 1, got '1.5'" in capsys.readouterr().err
@@ -293,14 +296,16 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     tuned = tmp_path / "tuned"
     assert main(["train-tiny", "--out", str(tuned), "--finetune-from", str(out), "--seed", "5",
                  "--dit-steps", "2", "--clips", "2", "--batch", "1", "--smear-share", "0.5",
-                 "--window-blocks", "3"]) == 0
+                 "--dilate-share", "0.25", "--two-object-share", "0.4", "--window-blocks", "3"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["dit_steps"] == 2
     tuned_record = json.loads((tuned / "train_tiny.json").read_text())
     assert tuned_record["reproduce"] == (
         f"{record['reproduce']} && rollcast train-tiny --out TUNED_DIR_1 --seed 5 --finetune-from DIR "
-        "--dit-steps 2 --clips 2 --batch 1 --smear-share 0.5 --window-blocks 3")
+        "--dit-steps 2 --clips 2 --batch 1 --smear-share 0.5 --dilate-share 0.25 --two-object-share 0.4 "
+        "--window-blocks 3")
     config = tuned_record["config"]
     assert config["own_context_after"] == 0.0 and config["smear_share"] == 0.5
+    assert config["dilate_share"] == 0.25 and config["two_object_share"] == 0.4
     assert config["window_blocks"] == 3 and config["rollout_passes"] == 4  # rollouts as deep as the window
     base_dit = (out / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (tuned / "diffusion_pytorch_model.safetensors").read_bytes() != base_dit
@@ -353,3 +358,54 @@ def test_make_batch_smears_only_the_window_context_along_the_motion_axis(directi
         assert (across == 1).sum() == window.shape[0]  # only the object's own cell across it
         assert (plain.x[0, 0, 3:f] == 1).sum() == window.shape[0]
 
+
+
+def _one_latent_object_set(prompts: list[str]) -> LatentSet:
+    latents = torch.zeros(len(prompts), 16, 15, 8, 8)
+    latents[:, :, :, 3, 4] = 1.0
+    objects = torch.zeros(len(prompts), 15, 8, 8, dtype=torch.bool)
+    objects[:, :, 3, 4] = True
+    return LatentSet(latents.half(), prompts, objects)
+
+
+def test_make_batch_dilates_the_window_context_on_both_axes() -> None:
+    """With dilate_share 1 every smeared sample is bloated instead: the object's cell grows by
+    1..max_dilate latents along both axes (a rectangle), the sink and the targets stay sharp."""
+    data = _one_latent_object_set(["a red circle moving left slowly on a black background"])
+    cfg = dataclasses.replace(SMALL, batch=1, context_noise=0.0, smear_share=1.0, dilate_share=1.0)
+    reaches = set()
+    for seed in range(6):
+        bloated = make_batch(data, cfg, 3, torch.Generator().manual_seed(seed))
+        f = bloated.target.shape[2]
+        assert (bloated.x[0, 0, :3, 3, 4] == 1).all() and (bloated.x[0, 0, :3] == 1).sum() == 3  # sink
+        for frame in bloated.x[0, 0, 3:f]:
+            rows, cols = torch.nonzero(frame == 1, as_tuple=True)
+            ry, rx = 3 - int(rows.min()), 4 - int(cols.min())
+            assert int(rows.max()) - 3 == ry and int(cols.max()) - 4 == rx  # centred on the object
+            assert 1 <= ry <= cfg.max_dilate and 1 <= rx <= cfg.max_dilate
+            assert len(rows) == (2 * ry + 1) * (2 * rx + 1)  # the whole rectangle, at full strength
+            reaches.add((rx, ry))
+        sharp = make_batch(data, dataclasses.replace(cfg, smear_share=0.0, dilate_share=0.0),
+                           3, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(bloated.target, sharp.target)
+        torch.testing.assert_close(bloated.x[:, :, f:], sharp.x[:, :, f:])
+    assert len(reaches) > 1  # the reach is drawn, not fixed
+
+
+def test_two_object_share_draws_two_object_clips() -> None:
+    one = "a red circle moving left slowly on a black background"
+    two = "a red circle moving left slowly and a cyan square moving up quickly on a gray background"
+    data = _one_latent_object_set([one, one, two, one, one, one, two, one])
+    assert data.two_object_clips == [2, 6]
+    gen = torch.Generator().manual_seed(0)
+    always = dataclasses.replace(SMALL, two_object_share=1.0)
+    assert {pick_clip(data, always, gen) for _ in range(40)} == {2, 6}
+    # Share 0 is the uniform draw it always was (the same random numbers), over every clip.
+    uniform = [pick_clip(data, SMALL, torch.Generator().manual_seed(s)) for s in range(60)]
+    assert uniform == [int(torch.randint(8, (1,), generator=torch.Generator().manual_seed(s)))
+                       for s in range(60)]
+    assert set(uniform) == set(range(8))
+    half = dataclasses.replace(SMALL, two_object_share=0.5)
+    drawn = [pick_clip(data, half, gen) for _ in range(400)]
+    share = sum(i in (2, 6) for i in drawn) / len(drawn)
+    assert 0.55 < share < 0.70  # half the draws, plus the uniform half's quarter

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -121,6 +122,14 @@ class TrainConfig:
     # 0 draws no extra random numbers, so earlier runs' fixed-step lines reproduce unchanged.
     smear_share: float = 0.0
     max_smear: int = 4  # latents each way (an object's radius is 2)
+    # Share of the smeared samples dilated on both axes instead (1..max_dilate latents each way):
+    # long streams also fail by bloating objects, two-object prompts most, into blobs the detector
+    # no longer calls compact (docs/quality.md, run 15). 0 draws no extra random numbers.
+    dilate_share: float = 0.0
+    max_dilate: int = 2
+    # Share of samples drawn from the two-object clips (a quarter of the dataset, and the prompts
+    # that score worst: merged, bloated pairs). 0: clips drawn uniformly, no extra random numbers.
+    two_object_share: float = 0.0
     # Wall-clock limits (seconds; None: only the step counts stop training).
     vae_seconds: float | None = None
     dit_seconds: float | None = None
@@ -319,6 +328,10 @@ class LatentSet:
     prompts: list[str]
     objects: Tensor  # [N, L, h, w] bool: latents an object touches (see latent_object_mask)
 
+    @functools.cached_property
+    def two_object_clips(self) -> list[int]:
+        return [i for i, p in enumerate(self.prompts) if len(parse_prompt(p).objects) == 2]
+
 
 def latent_object_mask(frames: np.ndarray, background: tuple[int, int, int], stride: int = 8) -> Tensor:
     """Which latents of a clip an object touches, [L, h, w] bool, for pixels uint8 [1 + 4k, H, W, 3]:
@@ -422,6 +435,28 @@ def smear_along(latents: Tensor, objects: Tensor, axis: int, reach: int) -> Tens
     return bg + shifts.gather(0, pick.expand(1, *d.shape))[0]
 
 
+def degrade_context(latents: Tensor, objects: Tensor, prompt: str, cfg: TrainConfig,
+                    gen: torch.Generator) -> Tensor:
+    """Window context [C, F, h, w] as long streams corrupt it: smeared along the first object's
+    axis of motion by 1..max_smear latents, or (a `dilate_share` of the time) dilated on both axes
+    by 1..max_dilate each, every object bloated."""
+    if cfg.dilate_share > 0 and torch.rand(1, generator=gen).item() < cfg.dilate_share:
+        reach_x, reach_y = (int(r) for r in torch.randint(1, cfg.max_dilate + 1, (2,), generator=gen))
+        return smear_along(smear_along(latents, objects, -1, reach_x), objects, -2, reach_y)
+    dx, _ = DIRECTIONS[parse_prompt(prompt, cfg.width, cfg.height).objects[0].direction]
+    axis = -1 if dx else -2  # latent w, or h
+    reach = int(torch.randint(1, cfg.max_smear + 1, (1,), generator=gen))
+    return smear_along(latents, objects, axis, reach)
+
+
+def pick_clip(data: LatentSet, cfg: TrainConfig, gen: torch.Generator) -> int:
+    """A clip index: uniform, or a two-object clip `two_object_share` of the time."""
+    pairs = data.two_object_clips if cfg.two_object_share > 0 else []
+    if pairs and torch.rand(1, generator=gen).item() < cfg.two_object_share:
+        return pairs[int(torch.randint(len(pairs), (1,), generator=gen))]
+    return int(torch.randint(len(data.prompts), (1,), generator=gen))
+
+
 def sample_sigmas(n: int, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
     u = torch.rand(n, generator=gen, dtype=torch.float64)
     sigma = cfg.shift * u / (1 + (cfg.shift - 1) * u)
@@ -439,7 +474,7 @@ def make_batch(data: LatentSet, cfg: TrainConfig, fpb: int, gen: torch.Generator
     window = min(window, cfg.window_blocks, total_blocks - 1)
     blocks = 1 + window
     for _ in range(cfg.batch):
-        i = int(torch.randint(len(data.prompts), (1,), generator=gen))
+        i = pick_clip(data, cfg, gen)
         s = int(torch.randint(1, total_blocks - window + 1, (1,), generator=gen))
         chosen = [0, *range(s, s + window)]
         frames = [b * fpb + f for b in chosen for f in range(fpb)]
@@ -455,10 +490,8 @@ def make_batch(data: LatentSet, cfg: TrainConfig, fpb: int, gen: torch.Generator
         ctx_sigma = cfg.context_noise * torch.rand(1, generator=gen).item()
         clean = x0 + ctx_sigma * torch.randn(x0.shape, generator=gen)
         if cfg.smear_share > 0 and torch.rand(1, generator=gen).item() < cfg.smear_share:
-            dx, _ = DIRECTIONS[parse_prompt(data.prompts[i], cfg.width, cfg.height).objects[0].direction]
-            axis = -1 if dx else -2  # latent w, or h
-            reach = int(torch.randint(1, cfg.max_smear + 1, (1,), generator=gen))
-            clean[:, fpb:] = smear_along(clean[:, fpb:], data.objects[i][frames[fpb:]], axis, reach)
+            clean[:, fpb:] = degrade_context(clean[:, fpb:], data.objects[i][frames[fpb:]], data.prompts[i],
+                                             cfg, gen)
         xs.append(torch.cat([clean, noisy], 1))
         ts.append(torch.cat([torch.zeros(len(frames)), sigma * 1000]))
         ps.append(torch.cat([pos, pos]))
@@ -734,9 +767,11 @@ def train_tiny(out: str | Path, cfg: TrainConfig, *, minutes: float | None = Non
 
 
 def dit_args(steps: int, cfg: TrainConfig) -> str:
-    """The DiT flags of a reproduce line: the steps run and the settings the CLI can set (a zero
-    smear share and the default window are left out, so earlier runs' lines read as they did)."""
+    """The DiT flags of a reproduce line: the steps run and the settings the CLI can set (zero
+    shares and the default window are left out, so earlier runs' lines read as they did)."""
     smear = f" --smear-share {cfg.smear_share}" if cfg.smear_share else ""
+    smear += f" --dilate-share {cfg.dilate_share}" if cfg.dilate_share else ""
+    smear += f" --two-object-share {cfg.two_object_share}" if cfg.two_object_share else ""
     window = (f" --window-blocks {cfg.window_blocks}"
               if cfg.window_blocks != TrainConfig.window_blocks else "")
     return f"--dit-steps {steps} --clips {cfg.clips} --batch {cfg.batch}{smear}{window}"
