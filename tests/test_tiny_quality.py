@@ -56,3 +56,8 @@ def test_the_shipped_model_draws_the_prompted_colour(steps: int) -> None:
         pipeline.shutdown()
     for metric, floor in MEASURED[steps].items():
         assert result["whole"][metric] >= floor - MARGIN, (metric, result["whole"])
+    # The split by object count covers every prompt, and its weighted mean is the whole's.
+    split = result["by_objects"]
+    assert sum(g["videos"] for g in split.values()) == 8
+    weighted = sum(g["videos"] * g["color"] for g in split.values()) / 8
+    assert weighted == pytest.approx(result["whole"]["color"], abs=1e-3)
