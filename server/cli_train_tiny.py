@@ -38,8 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of DiT samples whose window context is smeared along the object's motion "
                         f"axis, the target kept sharp (default {TrainConfig.smear_share})")
     p.add_argument("--dilate-share", type=fraction, default=None,
-                   help="share of the smeared samples whose objects are dilated on both axes instead "
-                        f"(bloated, as two-object streams fail; default {TrainConfig.dilate_share})")
+                   help="share of the smeared samples (needs --smear-share) whose objects are dilated on "
+                        "both axes instead (bloated, as two-object streams fail; default "
+                        f"{TrainConfig.dilate_share})")
     p.add_argument("--two-object-share", type=fraction, default=None,
                    help="share of DiT samples drawn from two-object clips (a quarter of the dataset; "
                         f"default {TrainConfig.two_object_share}: uniform)")
@@ -68,6 +69,8 @@ def _reject_ignored_flags(args: argparse.Namespace) -> None:
     if args.vae_steps is not None and (args.vae_from or args.finetune_from):
         phase = "--vae-from" if args.vae_from else "--finetune-from"
         raise ValueError(f"--vae-steps: {phase} reuses a trained VAE, so no VAE steps run")
+    if args.dilate_share and not args.smear_share:
+        raise ValueError("--dilate-share: dilates a share of the smeared contexts, so it needs --smear-share")
     if args.vae_only:
         for flag in DIT_FLAGS:
             if getattr(args, flag) is not None:

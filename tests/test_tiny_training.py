@@ -273,6 +273,9 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     assert "--smear-share: --vae-only trains no DiT" in capsys.readouterr().err
     assert main(["train-tiny", "--out", str(tmp_path / "w"), "--vae-only", "--two-object-share", "0.5"]) == 2
     assert "--two-object-share: --vae-only trains no DiT" in capsys.readouterr().err
+    assert main(["train-tiny", "--out", str(tmp_path / "w"), "--dilate-share", "0.5"]) == 2
+    assert "--dilate-share: dilates a share of the smeared contexts, so it needs --smear-share" in (
+        capsys.readouterr().err)
     with pytest.raises(SystemExit):
         main(["train-tiny", "--out", str(tmp_path / "w"), "--smear-share", "1.5"])
     assert "expected a number from 0 to 1, got '1.5'" in capsys.readouterr().err
@@ -317,6 +320,14 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     assert "train_tiny.json: not a train-tiny record" in capsys.readouterr().err
 
 
+def _one_latent_object_set(prompts: list[str]) -> LatentSet:
+    latents = torch.zeros(len(prompts), 16, 15, 8, 8)
+    latents[:, :, :, 3, 4] = 1.0
+    objects = torch.zeros(len(prompts), 15, 8, 8, dtype=torch.bool)
+    objects[:, :, 3, 4] = True
+    return LatentSet(latents.half(), prompts, objects)
+
+
 def test_smear_stretches_an_object_along_its_axis_at_full_strength() -> None:
     bg = torch.tensor([0.5, -1.0]).view(2, 1, 1, 1)
     latents = bg.expand(2, 1, 8, 8).clone()
@@ -336,12 +347,7 @@ def test_smear_stretches_an_object_along_its_axis_at_full_strength() -> None:
 def test_make_batch_smears_only_the_window_context_along_the_motion_axis(direction: str, axis: int) -> None:
     """With smear_share 1 every sample's window context is the smeared data; the sink, the noisy
     half and the flow target stay those of the sharp data (the same draws as smear_share 0)."""
-    latents = torch.zeros(1, 16, 15, 8, 8)
-    latents[:, :, :, 3, 4] = 1.0
-    objects = torch.zeros(1, 15, 8, 8, dtype=torch.bool)
-    objects[:, :, 3, 4] = True
-    prompt = f"a red circle moving {direction} slowly on a black background"
-    data = LatentSet(latents.half(), [prompt], objects)
+    data = _one_latent_object_set([f"a red circle moving {direction} slowly on a black background"])
     cfg = dataclasses.replace(SMALL, batch=1, context_noise=0.0, smear_share=1.0)
     for seed in range(4):
         smeared = make_batch(data, cfg, 3, torch.Generator().manual_seed(seed))
@@ -358,14 +364,6 @@ def test_make_batch_smears_only_the_window_context_along_the_motion_axis(directi
         assert (across == 1).sum() == window.shape[0]  # only the object's own cell across it
         assert (plain.x[0, 0, 3:f] == 1).sum() == window.shape[0]
 
-
-
-def _one_latent_object_set(prompts: list[str]) -> LatentSet:
-    latents = torch.zeros(len(prompts), 16, 15, 8, 8)
-    latents[:, :, :, 3, 4] = 1.0
-    objects = torch.zeros(len(prompts), 15, 8, 8, dtype=torch.bool)
-    objects[:, :, 3, 4] = True
-    return LatentSet(latents.half(), prompts, objects)
 
 
 def test_make_batch_dilates_the_window_context_on_both_axes() -> None:

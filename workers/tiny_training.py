@@ -769,12 +769,12 @@ def train_tiny(out: str | Path, cfg: TrainConfig, *, minutes: float | None = Non
 def dit_args(steps: int, cfg: TrainConfig) -> str:
     """The DiT flags of a reproduce line: the steps run and the settings the CLI can set (zero
     shares and the default window are left out, so earlier runs' lines read as they did)."""
-    smear = f" --smear-share {cfg.smear_share}" if cfg.smear_share else ""
-    smear += f" --dilate-share {cfg.dilate_share}" if cfg.dilate_share else ""
-    smear += f" --two-object-share {cfg.two_object_share}" if cfg.two_object_share else ""
+    shares = "".join(f" --{name.replace('_', '-')} {value}" for name, value in (
+        ("smear_share", cfg.smear_share), ("dilate_share", cfg.dilate_share),
+        ("two_object_share", cfg.two_object_share)) if value)
     window = (f" --window-blocks {cfg.window_blocks}"
               if cfg.window_blocks != TrainConfig.window_blocks else "")
-    return f"--dit-steps {steps} --clips {cfg.clips} --batch {cfg.batch}{smear}{window}"
+    return f"--dit-steps {steps} --clips {cfg.clips} --batch {cfg.batch}{shares}{window}"
 
 
 def finetune_tiny(out: str | Path, cfg: TrainConfig, base: str | Path, *, minutes: float | None = None,
