@@ -1,6 +1,6 @@
 """The shipped tiny model (`workers/tiny_default/`) really draws what the prompt asks: a short
 generation through the serving path scores above what the shipped weights measured when they were
-shipped (docs/quality.md, "Runs 7 to 16"), less a margin. A retrained model that is worse fails
+shipped (docs/quality.md, "Runs 7 to 19"), less a margin. A retrained model that is worse fails
 here; so does a shipped directory that lost its record of how it was made."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from rollcast.workers.tiny_eval import evaluate
 from rollcast.workers.tiny_training import RECORD_FILE
 from rollcast.workers.video_pipeline import PipelineSpec, VideoPipeline
 
-# evaluate(prompts=8, frames=48, seed=7) of the shipped weights (run 16) with tiny's default cache,
+# evaluate(prompts=8, frames=48, seed=7) of the shipped weights (run 19) with tiny's default cache,
 # measured when they were shipped.
 MEASURED = {1: {"color": 0.969, "direction": 1.0, "persistence": 0.969},
-            4: {"color": 0.940, "direction": 1.0, "persistence": 0.940}}
+            4: {"color": 0.930, "direction": 0.938, "persistence": 0.930}}
 MARGIN = 0.15
 
 
