@@ -365,7 +365,6 @@ def test_make_batch_smears_only_the_window_context_along_the_motion_axis(directi
         assert (plain.x[0, 0, 3:f] == 1).sum() == window.shape[0]
 
 
-
 def test_make_batch_dilates_the_window_context_on_both_axes() -> None:
     """With dilate_share 1 every smeared sample is bloated instead: the object's cell grows by
     1..max_dilate latents along both axes (a rectangle), the sink and the targets stay sharp."""
