@@ -41,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of the smeared samples (needs --smear-share) whose objects are dilated on "
                         "both axes instead (bloated, as two-object streams fail; default "
                         f"{TrainConfig.dilate_share})")
+    p.add_argument("--smear-each", action="store_const", const=True, default=None,
+                   help="smear each object of a two-object clip along its own axis of motion (needs "
+                        "--smear-share; default: both along the first object's)")
+    p.add_argument("--fade-share", type=fraction, default=None,
+                   help="share of the smeared two-object samples (needs --smear-share) whose context fades "
+                        f"one object toward the background instead (default {TrainConfig.fade_share})")
     p.add_argument("--two-object-share", type=fraction, default=None,
                    help="share of DiT samples drawn from two-object clips (a quarter of the dataset; "
                         f"default {TrainConfig.two_object_share}: uniform)")
@@ -60,8 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
 
 
-DIT_FLAGS = ("dit_steps", "clips", "batch", "smear_share", "dilate_share", "two_object_share",
-             "window_blocks")
+DIT_FLAGS = ("dit_steps", "clips", "batch", "smear_share", "dilate_share", "smear_each", "fade_share",
+             "two_object_share", "window_blocks")
 
 
 def _reject_ignored_flags(args: argparse.Namespace) -> None:
@@ -69,8 +75,11 @@ def _reject_ignored_flags(args: argparse.Namespace) -> None:
     if args.vae_steps is not None and (args.vae_from or args.finetune_from):
         phase = "--vae-from" if args.vae_from else "--finetune-from"
         raise ValueError(f"--vae-steps: {phase} reuses a trained VAE, so no VAE steps run")
-    if args.dilate_share and not args.smear_share:
-        raise ValueError("--dilate-share: dilates a share of the smeared contexts, so it needs --smear-share")
+    for flag, what in (("dilate_share", "dilates a share of the smeared contexts"),
+                       ("smear_each", "smears each object of the smeared contexts apart"),
+                       ("fade_share", "fades an object in a share of the smeared contexts")):
+        if getattr(args, flag) and not args.smear_share:
+            raise ValueError(f"--{flag.replace('_', '-')}: {what}, so it needs --smear-share")
     if args.vae_only:
         for flag in DIT_FLAGS:
             if getattr(args, flag) is not None:

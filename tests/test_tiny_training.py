@@ -21,7 +21,9 @@ from rollcast.workers.tiny_training import (
     LatentSet,
     TrainConfig,
     _clips_tensor,
+    degrade_context,
     dit_loss,
+    encode_clips,
     latent_object_mask,
     make_batch,
     new_dit,
@@ -87,6 +89,24 @@ def test_latent_object_mask_marks_the_cells_an_object_covers_per_latent_frame() 
     # Frame 0's object (half-extent 8 px round the middle, 32, 32 +- 2 px jitter) lies in cells 2-5.
     assert mask[0, 3:5, 3:5].all() and not mask[0, :2].any() and not mask[0, :, 6:].any()
     assert 4 <= mask[0].sum() <= 16
+
+
+def test_encode_clips_marks_each_object_of_a_pair_apart() -> None:
+    vae = TinyVAE(TinyVAEConfig.preset("small"))
+    vae.init_weights(torch.Generator().manual_seed(0))
+    cfg = dataclasses.replace(SMALL, clips=8, clip_latents=3)
+    data = encode_clips(vae, cfg)
+    assert data.each.shape == (8, 2, 3, 8, 8)
+    pairs = set(data.two_object_clips)
+    assert pairs and len(pairs) < 8  # seed 0's first 8 clips hold both kinds
+    for i in range(8):
+        union = data.each[i].any(0)
+        assert torch.equal(union | data.objects[i], union)  # every marked latent belongs to an object
+        if i in pairs:
+            assert data.each[i, 0].any() and data.each[i, 1].any()
+            assert not torch.equal(data.each[i, 0], data.each[i, 1])
+        else:
+            assert torch.equal(data.each[i, 0], data.objects[i]) and not data.each[i, 1].any()
 
 
 def test_a_few_vae_steps_reduce_the_reconstruction_loss() -> None:
@@ -276,6 +296,12 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     assert main(["train-tiny", "--out", str(tmp_path / "w"), "--dilate-share", "0.5"]) == 2
     assert "--dilate-share: dilates a share of the smeared contexts, so it needs --smear-share" in (
         capsys.readouterr().err)
+    assert main(["train-tiny", "--out", str(tmp_path / "w"), "--fade-share", "0.5"]) == 2
+    assert "--fade-share: fades an object in a share of the smeared contexts, so it needs --smear-share" in (
+        capsys.readouterr().err)
+    assert main(["train-tiny", "--out", str(tmp_path / "w"), "--smear-each"]) == 2
+    assert "--smear-each: smears each object of the smeared contexts apart, so it needs --smear-share" in (
+        capsys.readouterr().err)
     with pytest.raises(SystemExit):
         main(["train-tiny", "--out", str(tmp_path / "w"), "--smear-share", "1.5"])
     assert "expected a number from 0 to 1, got '1.5'" in capsys.readouterr().err
@@ -299,16 +325,18 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     tuned = tmp_path / "tuned"
     assert main(["train-tiny", "--out", str(tuned), "--finetune-from", str(out), "--seed", "5",
                  "--dit-steps", "2", "--clips", "2", "--batch", "1", "--smear-share", "0.5",
-                 "--dilate-share", "0.25", "--two-object-share", "0.4", "--window-blocks", "3"]) == 0
+                 "--dilate-share", "0.25", "--fade-share", "0.3", "--smear-each", "--two-object-share", "0.4",
+                 "--window-blocks", "3"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["dit_steps"] == 2
     tuned_record = json.loads((tuned / "train_tiny.json").read_text())
     assert tuned_record["reproduce"] == (
         f"{record['reproduce']} && rollcast train-tiny --out TUNED_DIR_1 --seed 5 --finetune-from DIR "
-        "--dit-steps 2 --clips 2 --batch 1 --smear-share 0.5 --dilate-share 0.25 --two-object-share 0.4 "
-        "--window-blocks 3")
+        "--dit-steps 2 --clips 2 --batch 1 --smear-share 0.5 --dilate-share 0.25 --fade-share 0.3 "
+        "--two-object-share 0.4 --smear-each --window-blocks 3")
     config = tuned_record["config"]
     assert config["own_context_after"] == 0.0 and config["smear_share"] == 0.5
     assert config["dilate_share"] == 0.25 and config["two_object_share"] == 0.4
+    assert config["fade_share"] == 0.3 and config["smear_each"] is True
     assert config["window_blocks"] == 3 and config["rollout_passes"] == 4  # rollouts as deep as the window
     base_dit = (out / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (tuned / "diffusion_pytorch_model.safetensors").read_bytes() != base_dit
@@ -406,3 +434,55 @@ def test_two_object_share_draws_two_object_clips() -> None:
     drawn = [pick_clip(data, half, gen) for _ in range(400)]
     share = sum(i in (2, 6) for i in drawn) / len(drawn)
     assert 0.55 < share < 0.70  # half the draws, plus the uniform half's quarter
+
+
+def _pair_set(prompt: str) -> LatentSet:
+    """One clip whose two objects each sit on one latent cell, (3, 2) and (5, 6) (x, y)."""
+    latents = torch.zeros(1, 16, 15, 8, 8)
+    each = torch.zeros(1, 2, 15, 8, 8, dtype=torch.bool)
+    for j, (x, y) in enumerate(((3, 2), (5, 6))):
+        latents[0, :, :, y, x] = 1.0 + j
+        each[0, j, :, y, x] = True
+    return LatentSet(latents.half(), [prompt], each.any(1), each)
+
+
+def test_degrade_context_smears_each_object_of_a_pair_along_its_own_axis() -> None:
+    prompt = "a red circle moving left slowly and a blue square moving up quickly on a black background"
+    data = _pair_set(prompt)
+    cfg = dataclasses.replace(SMALL, smear_each=True, max_smear=1)
+    out = degrade_context(data.latents[0].float(), data.objects[0], data.each[0], prompt, cfg,
+                          torch.Generator().manual_seed(0))
+    marked = out[0, 0] != 0
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[2, 2:5] = True  # the first object along x
+    expected[5:8, 5] = True  # the second along y
+    assert torch.equal(marked, expected)
+    assert out[0, 0, 2, 2] == 1.0 and out[0, 0, 7, 5] == 2.0  # each streak keeps its own object's value
+    # Without smear_each both go along the first object's axis (x), as runs 13-19 trained.
+    both = degrade_context(data.latents[0].float(), data.objects[0], data.each[0], prompt,
+                           dataclasses.replace(cfg, smear_each=False), torch.Generator().manual_seed(0))
+    along_x = torch.zeros(8, 8, dtype=torch.bool)
+    along_x[2, 2:5] = along_x[6, 4:7] = True
+    assert torch.equal(both[0, 0] != 0, along_x)
+
+
+def test_degrade_context_fades_one_object_of_a_pair_toward_the_background() -> None:
+    prompt = "a red circle moving left slowly and a blue square moving up quickly on a black background"
+    data = _pair_set(prompt)
+    cfg = dataclasses.replace(SMALL, smear_each=True, fade_share=1.0, min_fade=0.3)
+    faded = set()
+    for seed in range(8):
+        out = degrade_context(data.latents[0].float(), data.objects[0], data.each[0], prompt, cfg,
+                              torch.Generator().manual_seed(seed))
+        a, b = float(out[0, 0, 2, 3]), float(out[0, 0, 6, 5])
+        assert (out[0, 0] != 0).sum() == 2  # nothing moved or grew
+        assert (a == 1.0) != (b == 2.0)  # exactly one object fades ...
+        j, kept = (0, a) if a != 1.0 else (1, b / 2)
+        assert 0.0 <= kept <= 0.7 + 1e-6  # ... to at most 1 - min_fade of its contrast
+        faded.add(j)
+    assert faded == {0, 1}
+    # A lone object never fades: its context is smeared as before.
+    lone = _one_latent_object_set(["a red circle moving left slowly on a black background"])
+    out = degrade_context(lone.latents[0].float(), lone.objects[0], lone.each[0], lone.prompts[0], cfg,
+                          torch.Generator().manual_seed(0))
+    assert out[0, 0, 3, 4] == 1.0 and (out[0, 0] != 0).sum() > 1

@@ -55,6 +55,7 @@ from rollcast.workers.shapes_dataset import (
     VOCABULARY,
     ShapesDataset,
     parse_prompt,
+    shape_mask,
     trajectory,
 )
 from rollcast.workers.tiny_text import WordTextEncoder
@@ -127,6 +128,14 @@ class TrainConfig:
     # no longer calls compact (docs/quality.md, run 15). 0 draws no extra random numbers.
     dilate_share: float = 0.0
     max_dilate: int = 2
+    # Two-object clips, when smeared: each object along its own axis of motion (False: both along
+    # the first's, as runs 13-19 trained). Pairs fail most by the second object's streak (run 19).
+    smear_each: bool = False
+    # Share of the smeared two-object samples whose context instead fades one object (drawn at
+    # random) toward the background by min_fade..1: the other way pairs fail, one object dimming
+    # away (run 19, docs/quality.md). 0 draws no extra random numbers.
+    fade_share: float = 0.0
+    min_fade: float = 0.3
     # Share of samples drawn from the two-object clips (a quarter of the dataset, and the prompts
     # that score worst: merged, bloated pairs). 0: clips drawn uniformly, no extra random numbers.
     two_object_share: float = 0.0
@@ -327,6 +336,14 @@ class LatentSet:
     latents: Tensor  # [N, z, L, h, w] float16
     prompts: list[str]
     objects: Tensor  # [N, L, h, w] bool: latents an object touches (see latent_object_mask)
+    # [N, 2, L, h, w] bool: the latents each object's shape covers, occluded or not (the second
+    # all False for a lone object), for degrading one object of a pair (`degrade_context`).
+    # None: every clip's `objects` as one lone object.
+    each: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.each is None:
+            self.each = torch.stack([self.objects, torch.zeros_like(self.objects)], 1)
 
     @functools.cached_property
     def two_object_clips(self) -> list[int]:
@@ -334,10 +351,14 @@ class LatentSet:
 
 
 def latent_object_mask(frames: np.ndarray, background: tuple[int, int, int], stride: int = 8) -> Tensor:
-    """Which latents of a clip an object touches, [L, h, w] bool, for pixels uint8 [1 + 4k, H, W, 3]:
-    latent frame 0 holds pixel frame 0 and latent l > 0 frames 4l-3 .. 4l (the VAE's temporal
-    grouping); a latent is marked when any object pixel falls in its `stride` x `stride` cell."""
-    obj = np.abs(frames.astype(np.int16) - np.array(background, np.int16)).sum(-1) > 30
+    """Which latents of a clip an object touches, [L, h, w] bool, for pixels uint8 [1 + 4k, H, W, 3]."""
+    return latent_cells(np.abs(frames.astype(np.int16) - np.array(background, np.int16)).sum(-1) > 30, stride)
+
+
+def latent_cells(obj: np.ndarray, stride: int = 8) -> Tensor:
+    """The latents [L, h, w] bool a pixel mask [1 + 4k, H, W] touches: latent frame 0 holds pixel
+    frame 0 and latent l > 0 frames 4l-3 .. 4l (the VAE's temporal grouping); a latent is marked
+    when any marked pixel falls in its `stride` x `stride` cell."""
     grouped = np.concatenate([obj[:1], obj[1:].reshape(-1, 4, *obj.shape[1:]).any(1)])
     t, h, w = grouped.shape
     return torch.from_numpy(grouped.reshape(t, h // stride, stride, w // stride, stride).any((2, 4)))
@@ -347,7 +368,8 @@ def latent_object_mask(frames: np.ndarray, background: tuple[int, int, int], str
 def encode_clips(vae: TinyVAE, cfg: TrainConfig, batch: int = 8) -> LatentSet:
     data = ShapesDataset(cfg.seed, cfg.width, cfg.height)
     frames = 1 + 4 * (cfg.clip_latents - 1)
-    out, prompts, objects = [], [], []
+    out, prompts, objects, each = [], [], [], []
+    t = np.arange(frames)
     for s in range(0, cfg.clips, batch):
         idx = list(range(s, min(s + batch, cfg.clips)))
         pixels = [data.frames(i, frames) for i in idx]
@@ -358,7 +380,10 @@ def encode_clips(vae: TinyVAE, cfg: TrainConfig, batch: int = 8) -> LatentSet:
             clip = data.clip(i)
             prompts.append(clip.prompt)
             objects.append(latent_object_mask(p, BACKGROUNDS[clip.background]))
-    return LatentSet(torch.cat(out), prompts, torch.stack(objects))
+            masks = [latent_cells(shape_mask(o.shape, *trajectory(clip, j, t)[0].T, clip.radius, cfg.height,
+                                             cfg.width)) for j, o in enumerate(clip.objects)]
+            each.append(torch.stack([*masks, *[torch.zeros_like(masks[0])] * (2 - len(masks))]))
+    return LatentSet(torch.cat(out), prompts, torch.stack(objects), torch.stack(each))
 
 
 # -- DiT ----------------------------------------------------------------------------------------------
@@ -421,12 +446,17 @@ def teacher_forcing_attention(q: Tensor, k: Tensor, v: Tensor, blocks: int, fpb:
     return torch.cat([*clean_out, *noisy_out], 2).transpose(1, 2)
 
 
+def background_latent(latents: Tensor, objects: Tensor) -> Tensor:
+    """The per-channel median [C, 1, 1, 1] of the latents [C, F, h, w] that `objects` leaves unmarked."""
+    return latents.permute(1, 2, 3, 0)[~objects].median(0).values.view(-1, 1, 1, 1)
+
+
 def smear_along(latents: Tensor, objects: Tensor, axis: int, reach: int) -> Tensor:
     """Latents [C, F, h, w] with each object stretched `reach` latents both ways along `axis`
     (-1: x, -2: y), at full strength: every latent takes the value, among its neighbours within
     `reach` on that axis, that stands out most from the background (the per-channel median of the
     latents `objects` [F, h, w] leaves unmarked), as the decoded streaks of long streams do."""
-    bg = latents.permute(1, 2, 3, 0)[~objects].median(0).values.view(-1, 1, 1, 1)
+    bg = background_latent(latents, objects)
     d = latents - bg
     size = d.shape[axis]
     padded = F.pad(d, [reach, reach, 0, 0] if axis == -1 else [0, 0, reach, reach])
@@ -435,18 +465,39 @@ def smear_along(latents: Tensor, objects: Tensor, axis: int, reach: int) -> Tens
     return bg + shifts.gather(0, pick.expand(1, *d.shape))[0]
 
 
-def degrade_context(latents: Tensor, objects: Tensor, prompt: str, cfg: TrainConfig,
+def stretch_mask(mask: Tensor, axis: int, reach: int) -> Tensor:
+    """A bool mask [F, h, w] grown `reach` cells both ways along `axis` (-1: x, -2: y)."""
+    size = (1, 2 * reach + 1) if axis == -1 else (2 * reach + 1, 1)
+    return F.max_pool2d(mask[:, None].float(), size, 1, (size[0] // 2, size[1] // 2))[:, 0] > 0
+
+
+def degrade_context(latents: Tensor, objects: Tensor, each: Tensor, prompt: str, cfg: TrainConfig,
                     gen: torch.Generator) -> Tensor:
-    """Window context [C, F, h, w] as long streams corrupt it: smeared along the first object's
-    axis of motion by 1..max_smear latents, or (a `dilate_share` of the time) dilated on both axes
-    by 1..max_dilate each, every object bloated."""
+    """Window context [C, F, h, w] as long streams corrupt it (`objects` [F, h, w] the latents any
+    object touches, `each` [2, F, h, w] each object's): for a two-object clip, a `fade_share` of
+    the time one object (drawn at random) faded toward the background by min_fade..1 of its
+    contrast; else (a `dilate_share` of the time) dilated on both axes by 1..max_dilate each, every
+    object bloated; else smeared along the first object's axis of motion by 1..max_smear latents,
+    or with `smear_each` every object along its own (the later object wins where streaks meet)."""
+    pair = bool(each[1].any())
+    if pair and cfg.fade_share > 0 and torch.rand(1, generator=gen).item() < cfg.fade_share:
+        j = int(torch.randint(2, (1,), generator=gen))
+        fade = cfg.min_fade + (1 - cfg.min_fade) * torch.rand(1, generator=gen).item()
+        return torch.where(each[j], latents - fade * (latents - background_latent(latents, objects)), latents)
     if cfg.dilate_share > 0 and torch.rand(1, generator=gen).item() < cfg.dilate_share:
         reach_x, reach_y = (int(r) for r in torch.randint(1, cfg.max_dilate + 1, (2,), generator=gen))
         return smear_along(smear_along(latents, objects, -1, reach_x), objects, -2, reach_y)
-    dx, _ = DIRECTIONS[parse_prompt(prompt, cfg.width, cfg.height).objects[0].direction]
-    axis = -1 if dx else -2  # latent w, or h
-    reach = int(torch.randint(1, cfg.max_smear + 1, (1,), generator=gen))
-    return smear_along(latents, objects, axis, reach)
+    shapes = parse_prompt(prompt, cfg.width, cfg.height).objects
+    if not (pair and cfg.smear_each):
+        axis = -1 if DIRECTIONS[shapes[0].direction][0] else -2  # latent w, or h
+        reach = int(torch.randint(1, cfg.max_smear + 1, (1,), generator=gen))
+        return smear_along(latents, objects, axis, reach)
+    out = latents
+    for obj, mask in zip(shapes, each, strict=True):
+        axis = -1 if DIRECTIONS[obj.direction][0] else -2
+        reach = int(torch.randint(1, cfg.max_smear + 1, (1,), generator=gen))
+        out = torch.where(stretch_mask(mask, axis, reach), smear_along(latents, objects, axis, reach), out)
+    return out
 
 
 def pick_clip(data: LatentSet, cfg: TrainConfig, gen: torch.Generator) -> int:
@@ -490,8 +541,9 @@ def make_batch(data: LatentSet, cfg: TrainConfig, fpb: int, gen: torch.Generator
         ctx_sigma = cfg.context_noise * torch.rand(1, generator=gen).item()
         clean = x0 + ctx_sigma * torch.randn(x0.shape, generator=gen)
         if cfg.smear_share > 0 and torch.rand(1, generator=gen).item() < cfg.smear_share:
-            clean[:, fpb:] = degrade_context(clean[:, fpb:], data.objects[i][frames[fpb:]], data.prompts[i],
-                                             cfg, gen)
+            window_frames = frames[fpb:]
+            clean[:, fpb:] = degrade_context(clean[:, fpb:], data.objects[i][window_frames],
+                                             data.each[i][:, window_frames], data.prompts[i], cfg, gen)
         xs.append(torch.cat([clean, noisy], 1))
         ts.append(torch.cat([torch.zeros(len(frames)), sigma * 1000]))
         ps.append(torch.cat([pos, pos]))
@@ -770,8 +822,9 @@ def dit_args(steps: int, cfg: TrainConfig) -> str:
     """The DiT flags of a reproduce line: the steps run and the settings the CLI can set (zero
     shares and the default window are left out, so earlier runs' lines read as they did)."""
     shares = "".join(f" --{name.replace('_', '-')} {value}" for name, value in (
-        ("smear_share", cfg.smear_share), ("dilate_share", cfg.dilate_share),
+        ("smear_share", cfg.smear_share), ("dilate_share", cfg.dilate_share), ("fade_share", cfg.fade_share),
         ("two_object_share", cfg.two_object_share)) if value)
+    shares += " --smear-each" if cfg.smear_each else ""
     window = (f" --window-blocks {cfg.window_blocks}"
               if cfg.window_blocks != TrainConfig.window_blocks else "")
     return f"--dit-steps {steps} --clips {cfg.clips} --batch {cfg.batch}{shares}{window}"
