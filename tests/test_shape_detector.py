@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rollcast.workers.shape_detector import frames_to_adapt, score_video
+from rollcast.workers.shape_detector import COLOR_FAILURES, frames_to_adapt, score_video
 from rollcast.workers.shapes_dataset import parse_prompt
 
 W = H = 128
@@ -84,6 +84,26 @@ def test_two_objects_need_both_colours() -> None:
     assert score_video(both, prompt).color == 1.0
     assert score_video(both, prompt).direction == 1.0
     assert score_video(red, prompt).color == 0.0
+
+
+def test_failing_frames_are_split_by_why_colour_failed() -> None:
+    """Ten frames each of: the object held, streaked into a bar, shrunk, gone, and outgrown by
+    another colour; every failing frame gets exactly one reason."""
+    n = 10
+    ok = draw([64] * n, [64] * n, (230, 40, 40))
+    bar = np.zeros_like(ok)
+    bar[:, 60:68, 10:118] = (230, 40, 40)  # 108 px long: spread ~31 px, over 1.2 radii
+    small = draw([64] * n, [64] * n, (230, 40, 40), half=5)  # 100 px, under 0.3 of the disc
+    gone = np.zeros_like(ok)
+    outgrown = np.where((draw([90] * n, [90] * n, (50, 80, 240), half=20) != 0).any(-1, keepdims=True),
+                        draw([90] * n, [90] * n, (50, 80, 240), half=20),
+                        draw([30] * n, [30] * n, (230, 40, 40), half=10))
+    video = np.concatenate([ok, bar, small, gone, outgrown])
+    s = score_video(video, parse_prompt(RED_RIGHT))
+    assert s.color == 0.2
+    assert s.color_failures() == {"not_compact": n, "too_small": 2 * n, "other_color": n}
+    assert s.color_failures(0, n) == dict.fromkeys(COLOR_FAILURES, 0)
+    assert s.color_failures(n, 2 * n)["not_compact"] == n
 
 
 def test_frames_to_adapt_counts_from_the_switch_until_the_verdict_holds() -> None:

@@ -61,3 +61,7 @@ def test_the_shipped_model_draws_the_prompted_colour(steps: int) -> None:
     assert sum(g["videos"] for g in split.values()) == 8
     weighted = sum(g["videos"] * g["color"] for g in split.values()) / 8
     assert weighted == pytest.approx(result["whole"]["color"], abs=1e-3)
+    # Every frame failing colour is counted once, under one reason, overall and per group.
+    failing = round((1 - result["whole"]["color"]) * 8 * 48)
+    assert sum(result["color_failures"].values()) == failing
+    assert sum(sum(g["color_failures"].values()) for g in split.values()) == failing

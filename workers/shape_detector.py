@@ -11,6 +11,8 @@ Each colour's area and centroid per frame are then the measurements:
   `window_frac` of the width) in which each object's centroid moves along its prompted direction.
   Objects bounce: the expected direction flips each time the track, seen moving as prompted,
   reaches the wall it was heading to; steps near a wall (where the bounce happens) are not scored;
+  A failing frame gets one reason (COLOR_FAILURES): a prompted colour scattered, a prompted object
+  missing or too small, or another colour outgrowing a prompted one;
 - persistence: share of frames in which every prompted object is present;
 - smoothness: share of frame-to-frame centroid steps no longer than the fastest speed plus a
   tolerance (no teleporting or flicker of the track).
@@ -25,6 +27,10 @@ import numpy as np
 from rollcast.workers.shapes_dataset import COLORS, DIRECTIONS, SPEEDS, Clip, ShapeObject
 
 COLOR_NAMES = tuple(COLORS)
+# Why a frame fails colour, in the order a frame's reason is picked: a prompted colour's pixels
+# scatter (a streak, a smear, two objects stuck together); a prompted object is missing or smaller
+# than `min_area_frac` (it dimmed away); or another colour's blob outgrows a prompted one.
+COLOR_FAILURES = ("not_compact", "too_small", "other_color")
 _PALETTE = np.array([COLORS[c] for c in COLOR_NAMES], np.float32)  # [K, 3]
 
 
@@ -62,6 +68,8 @@ class VideoScore:
 
     frames: int
     color_ok: np.ndarray = field(repr=False)  # [T] bool
+    # [T] int8: -1 where colour holds, else the index of the frame's reason in COLOR_FAILURES.
+    color_failure: np.ndarray = field(repr=False)
     present: np.ndarray = field(repr=False)  # [T] bool: every prompted object present
     # Per frame transition t -> t+1 where an object was tracked: whether every such step was smooth
     # (-1: nothing tracked, 0: a jump, 1: smooth).
@@ -83,6 +91,11 @@ class VideoScore:
             "persistence": float(self.present[sl].mean()) if end > start else 0.0,
             "smoothness": float(sm.mean()) if len(sm) else 0.0,
         }
+
+    def color_failures(self, start: int = 0, end: int | None = None) -> dict[str, int]:
+        """How many frames of [start, end) fail colour, by reason (they sum to the failing frames)."""
+        f = self.color_failure[start:end]
+        return {name: int((f == i).sum()) for i, name in enumerate(COLOR_FAILURES)}
 
     @property
     def color(self) -> float:
@@ -147,18 +160,23 @@ def _nominal_area(clip: Clip) -> float:
     return float(np.pi * clip.radius**2)
 
 
-def _color_ok(tracks: Tracks, clip: Clip, cfg: DetectorConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per frame: the prompted colours dominate; and [T, n] presence of each object."""
+def _color_ok(tracks: Tracks, clip: Clip, cfg: DetectorConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per frame: the prompted colours dominate; [T, n] presence of each object; and the failure
+    reason (index into COLOR_FAILURES, -1 where colour holds)."""
     idx = [COLOR_NAMES.index(o.color) for o in clip.objects]
     min_area = cfg.min_area_frac * _nominal_area(clip)
     with np.errstate(invalid="ignore"):
         compact = tracks.spread <= cfg.max_spread * clip.radius  # NaN (no pixels): False
+        scattered = tracks.spread > cfg.max_spread * clip.radius  # NaN: False (missing, not scattered)
     blob = np.where(compact, tracks.area, 0.0)  # area that counts as an object
     present = blob[:, idx] >= min_area  # [T, n]
     others = np.delete(blob, idx, axis=1)
     other_max = others.max(1) if others.shape[1] else np.zeros(len(tracks.area))
     dominant = blob[:, idx].min(1) > other_max
-    return present.all(1) & dominant, present
+    ok = present.all(1) & dominant
+    not_compact = scattered[:, idx].any(1)
+    reason = np.select([ok, not_compact, ~present.all(1)], [-1, 0, 1], 2).astype(np.int8)
+    return ok, present, reason
 
 
 def window_frames(clip: Clip, cfg: DetectorConfig) -> int:
@@ -206,7 +224,7 @@ def _direction_steps(c: np.ndarray, present: np.ndarray, obj: ShapeObject, clip:
 def score_tracks(tracks: Tracks, clip: Clip, config: DetectorConfig | None = None) -> VideoScore:
     cfg = config or DetectorConfig()
     t = len(tracks.area)
-    color_ok, present = _color_ok(tracks, clip, cfg)
+    color_ok, present, color_failure = _color_ok(tracks, clip, cfg)
     fastest = max(SPEEDS.values()) * clip.width
     max_jump = fastest + cfg.jump_tolerance_frac * clip.width
     per_window: dict[int, list[bool]] = {}
@@ -222,8 +240,8 @@ def score_tracks(tracks: Tracks, clip: Clip, config: DetectorConfig | None = Non
         smooth = np.where(both, np.where(ok & (smooth != 0), 1, 0), smooth).astype(np.int8)
     frames = np.array(sorted(per_window), int)
     dir_ok = np.array([all(per_window[s]) for s in frames.tolist()], bool)
-    return VideoScore(frames=t, color_ok=color_ok, present=present.all(1), smooth=smooth,
-                      direction_frames=frames, direction_ok=dir_ok)
+    return VideoScore(frames=t, color_ok=color_ok, color_failure=color_failure, present=present.all(1),
+                      smooth=smooth, direction_frames=frames, direction_ok=dir_ok)
 
 
 def slice_tracks(tracks: Tracks, start: int, end: int | None = None) -> Tracks:

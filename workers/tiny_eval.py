@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rollcast.workers.shape_detector import (
+    COLOR_FAILURES,
     DetectorConfig,
     Tracks,
     VideoScore,
@@ -61,20 +62,32 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(float(np.mean([r[k] for r in rows])), 4) for k in METRICS} if rows else {}
 
 
-def by_object_count(rows: list[dict[str, float]], objects: list[int]) -> dict[str, dict[str, float]]:
-    """Mean scores of the one-object and the two-object prompts apart ("videos": how many each):
-    a quarter of the prompts have two objects, and they score far below the rest."""
-    groups = {n: [r for r, k in zip(rows, objects, strict=True) if k == n] for n in sorted(set(objects))}
-    return {str(n): {"videos": len(g), **_mean(g)} for n, g in groups.items()}
+def by_object_count(rows: list[dict[str, float]], objects: list[int],
+                    failures: list[dict[str, int]]) -> dict[str, dict[str, object]]:
+    """Mean scores of the one-object and the two-object prompts apart ("videos": how many each),
+    with the frames failing colour summed by reason: a quarter of the prompts have two objects,
+    and they score far below the rest."""
+    out: dict[str, dict[str, object]] = {}
+    for n in sorted(set(objects)):
+        keep = [i for i, k in enumerate(objects) if k == n]
+        out[str(n)] = {"videos": len(keep), **_mean([rows[i] for i in keep]),
+                       "color_failures": _sum_failures([failures[i] for i in keep])}
+    return out
+
+
+def _sum_failures(rows: list[dict[str, int]]) -> dict[str, int]:
+    return {k: sum(r[k] for r in rows) for k in COLOR_FAILURES}
 
 
 def evaluate(pipeline: VideoPipeline, *, prompts: int, frames: int, seed: int = 0, steps: int | None = 1,
              horizons: tuple[int, ...] = (100, 1000, 5000), span: int = 100) -> dict[str, object]:
     """Mean scores over `prompts` held-out prompts: the whole video (also split by object count),
-    and the `span` frames ending at each horizon (what decays over a long stream)."""
+    the frames failing colour by reason, and the `span` frames ending at each horizon (what decays
+    over a long stream)."""
     width, height = pipeline.resolution
     whole: list[dict[str, float]] = []
     objects: list[int] = []
+    failures: list[dict[str, int]] = []
     windows = horizon_windows(frames, horizons, span)
     per_horizon: dict[str, list[dict[str, float]]] = {k: [] for k in windows}
     seconds = 0.0
@@ -84,12 +97,14 @@ def evaluate(pipeline: VideoPipeline, *, prompts: int, frames: int, seed: int = 
         score = score_tracks(run.tracks, clip)
         whole.append(score.summary())
         objects.append(len(clip.objects))
+        failures.append(score.color_failures())
         for k, (a, b) in windows.items():
             per_horizon[k].append(score.summary(a, b))
     at = {k: _mean(v) for k, v in per_horizon.items()}
     return {"prompts": prompts, "frames": frames, "steps": steps, "seed": seed,
             "resolution": [width, height], "policy": pipeline.runner.policy.name,
-            "whole": _mean(whole), "by_objects": by_object_count(whole, objects), "at_frame": at,
+            "whole": _mean(whole), "color_failures": _sum_failures(failures),
+            "by_objects": by_object_count(whole, objects, failures), "at_frame": at,
             "span": span,
             "frames_per_second": round(prompts * frames / seconds, 2) if seconds else None}
 
