@@ -6,13 +6,12 @@ Each colour's area and centroid per frame are then the measurements:
 
 - colour accuracy: share of frames whose dominant object colours are the prompted ones (every
   prompted colour covers at least `min_area_frac` of an object, and no other colour covers more
-  than the smallest prompted one);
+  than the smallest prompted one). A failing frame gets one reason (COLOR_FAILURES): a prompted
+  colour scattered, a prompted object missing or too small, or another colour outgrowing one;
 - direction accuracy: share of short steps (the frames the fastest prompted object needs to cross
   `window_frac` of the width) in which each object's centroid moves along its prompted direction.
   Objects bounce: the expected direction flips each time the track, seen moving as prompted,
   reaches the wall it was heading to; steps near a wall (where the bounce happens) are not scored;
-  A failing frame gets one reason (COLOR_FAILURES): a prompted colour scattered, a prompted object
-  missing or too small, or another colour outgrowing a prompted one;
 - persistence: share of frames in which every prompted object is present;
 - smoothness: share of frame-to-frame centroid steps no longer than the fastest speed plus a
   tolerance (no teleporting or flicker of the track).
@@ -67,7 +66,6 @@ class VideoScore:
     """Per-frame verdicts of one video; `summary` turns any frame range of them into scores."""
 
     frames: int
-    color_ok: np.ndarray = field(repr=False)  # [T] bool
     # [T] int8: -1 where colour holds, else the index of the frame's reason in COLOR_FAILURES.
     color_failure: np.ndarray = field(repr=False)
     present: np.ndarray = field(repr=False)  # [T] bool: every prompted object present
@@ -91,6 +89,11 @@ class VideoScore:
             "persistence": float(self.present[sl].mean()) if end > start else 0.0,
             "smoothness": float(sm.mean()) if len(sm) else 0.0,
         }
+
+    @property
+    def color_ok(self) -> np.ndarray:
+        """[T] bool: the prompted colours dominate."""
+        return self.color_failure < 0
 
     def color_failures(self, start: int = 0, end: int | None = None) -> dict[str, int]:
         """How many frames of [start, end) fail colour, by reason (they sum to the failing frames)."""
@@ -160,14 +163,14 @@ def _nominal_area(clip: Clip) -> float:
     return float(np.pi * clip.radius**2)
 
 
-def _color_ok(tracks: Tracks, clip: Clip, cfg: DetectorConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per frame: the prompted colours dominate; [T, n] presence of each object; and the failure
-    reason (index into COLOR_FAILURES, -1 where colour holds)."""
+def _color_verdict(tracks: Tracks, clip: Clip, cfg: DetectorConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: [T, n] presence of each object, and why colour fails (index into
+    COLOR_FAILURES; -1 where the prompted colours dominate)."""
     idx = [COLOR_NAMES.index(o.color) for o in clip.objects]
     min_area = cfg.min_area_frac * _nominal_area(clip)
     with np.errstate(invalid="ignore"):
         compact = tracks.spread <= cfg.max_spread * clip.radius  # NaN (no pixels): False
-        scattered = tracks.spread > cfg.max_spread * clip.radius  # NaN: False (missing, not scattered)
+    scattered = ~compact & ~np.isnan(tracks.spread)  # pixels, but spread out (none: missing)
     blob = np.where(compact, tracks.area, 0.0)  # area that counts as an object
     present = blob[:, idx] >= min_area  # [T, n]
     others = np.delete(blob, idx, axis=1)
@@ -176,7 +179,7 @@ def _color_ok(tracks: Tracks, clip: Clip, cfg: DetectorConfig) -> tuple[np.ndarr
     ok = present.all(1) & dominant
     not_compact = scattered[:, idx].any(1)
     reason = np.select([ok, not_compact, ~present.all(1)], [-1, 0, 1], 2).astype(np.int8)
-    return ok, present, reason
+    return present, reason
 
 
 def window_frames(clip: Clip, cfg: DetectorConfig) -> int:
@@ -224,7 +227,7 @@ def _direction_steps(c: np.ndarray, present: np.ndarray, obj: ShapeObject, clip:
 def score_tracks(tracks: Tracks, clip: Clip, config: DetectorConfig | None = None) -> VideoScore:
     cfg = config or DetectorConfig()
     t = len(tracks.area)
-    color_ok, present, color_failure = _color_ok(tracks, clip, cfg)
+    present, color_failure = _color_verdict(tracks, clip, cfg)
     fastest = max(SPEEDS.values()) * clip.width
     max_jump = fastest + cfg.jump_tolerance_frac * clip.width
     per_window: dict[int, list[bool]] = {}
@@ -240,7 +243,7 @@ def score_tracks(tracks: Tracks, clip: Clip, config: DetectorConfig | None = Non
         smooth = np.where(both, np.where(ok & (smooth != 0), 1, 0), smooth).astype(np.int8)
     frames = np.array(sorted(per_window), int)
     dir_ok = np.array([all(per_window[s]) for s in frames.tolist()], bool)
-    return VideoScore(frames=t, color_ok=color_ok, color_failure=color_failure, present=present.all(1),
+    return VideoScore(frames=t, color_failure=color_failure, present=present.all(1),
                       smooth=smooth, direction_frames=frames, direction_ok=dir_ok)
 
 
