@@ -59,7 +59,14 @@ def _check_streamed(s: dict[str, Any]) -> None:
     """One session that streamed SESSION_S seconds of a healthy 16 fps stream."""
     assert s["outcome"] == "completed" and s["stop_reason"] == "closed_by_client", s
     # Frames received from the first one through SESSION_S later: 1 + 2.5 x 16 = 41 (pacing jitter +-2).
-    assert abs(s["frames_received"] - (1 + SESSION_S * FPS)) <= 2, s["frames_received"]
+    # A stall of the shared test machine (CI has 2 cores) costs the frames it lasted, since a live
+    # stream resumes at its pace instead of bursting; the client reports it as a freeze, so only a
+    # session with one may fall short, and it must still have streamed to the end.
+    expected = 1 + SESSION_S * FPS
+    assert s["frames_received"] <= expected + 2, s["frames_received"]
+    floor = expected - 2 if s["freezes"] == 0 else 0.75 * expected
+    assert s["frames_received"] >= floor, (s["frames_received"], s["freezes"])
+    assert s["streamed_s"] == pytest.approx(SESSION_S, abs=0.15)
     assert s["frames_dropped"] == 0 and s["unmatched_frames"] == 0
     assert s["frames_delivered"] + s["repeated_frames"] == s["frames_received"]
     assert 0 < s["ttff_ms"] < 3000
