@@ -15,7 +15,6 @@ import torch
 
 from rollcast.server.cli_args import fraction, positive_float, positive_int
 from rollcast.workers.model_config import ModelConfig
-from rollcast.workers.shapes_dataset import PAIR_STARTS
 from rollcast.workers.tiny_training import TrainConfig, finetune_tiny, train_tiny, train_vae_dir
 
 
@@ -51,10 +50,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--two-object-share", type=fraction, default=None,
                    help="share of DiT samples drawn from two-object clips (a quarter of the dataset; "
                         f"default {TrainConfig.two_object_share}: uniform)")
-    p.add_argument("--pair-starts", choices=PAIR_STARTS, default=None,
-                   help="where a pair moving on crossing axes starts in the DiT's clips: middle (both in "
-                        "the middle along their motion, overlapping at frame 0) or apart (diagonally "
-                        f"apart; default {TrainConfig.pair_starts})")
     p.add_argument("--window-blocks", type=positive_int, default=None,
                    help="most context blocks after the sink in a DiT sample, the current one included: "
                         f"6 matches the self-forcing cache (18 latent frames), 3 longlive's (default "
@@ -72,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 DIT_FLAGS = ("dit_steps", "clips", "batch", "smear_share", "dilate_share", "smear_each", "fade_share",
-             "two_object_share", "pair_starts", "window_blocks")
+             "two_object_share", "window_blocks")
 
 
 def _reject_ignored_flags(args: argparse.Namespace) -> None:

@@ -3,8 +3,6 @@ the prompt names (colour, position along the named direction, bouncing inside th
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -17,8 +15,6 @@ from rollcast.workers.shapes_dataset import (
     ShapesDataset,
     parse_prompt,
     render,
-    shape_mask,
-    start_point,
     trajectory,
 )
 
@@ -84,47 +80,3 @@ def test_objects_bounce_inside_the_frame() -> None:
     flip = int(np.argmax(signs == 1))
     assert centre[flip - 1, 0] < r + clip.speed_px(clip.objects[0]) + 1e-6  # at the wall
     np.testing.assert_allclose(np.abs(np.diff(centre[:, 0])).max(), 4.0, atol=1e-6)
-
-
-
-def _start_masks(clip: Clip) -> list[np.ndarray]:
-    """Each object's pixels at frame 0, drawn alone."""
-    t = np.zeros(1)
-    return [shape_mask(o.shape, *trajectory(clip, i, t)[0].T, clip.radius, clip.height, clip.width)[0]
-            for i, o in enumerate(clip.objects)]
-
-
-CROSSING = "a cyan square moving right quickly and a green square moving down quickly on a black background"
-PARALLEL = "a blue square moving left slowly and a red square moving right quickly on a gray background"
-
-
-def test_a_crossing_pair_starts_apart_only_when_asked() -> None:
-    middle = parse_prompt(CROSSING, 64, 64)
-    apart = dataclasses.replace(middle, pair_starts="apart")
-    a, b = _start_masks(middle)
-    assert (a & b).sum() > 0  # from the middle, the squares overlap at frame 0
-    a, b = _start_masks(apart)
-    assert not (a & b).any()
-    starts = [start_point(apart, i) for i in range(2)]
-    np.testing.assert_allclose(starts, [(64 / 3, 64 / 3), (128 / 3, 128 / 3)])
-    # Pairs on one axis, and lone objects, start where they always did.
-    for prompt in (PARALLEL, "a red circle moving up slowly on a black background"):
-        clip = parse_prompt(prompt, 64, 64)
-        spread = dataclasses.replace(clip, pair_starts="apart")
-        assert [start_point(clip, i) for i in range(len(clip.objects))] == [
-            start_point(spread, i) for i in range(len(clip.objects))]
-    with pytest.raises(ValueError, match="pair_starts must be one of"):
-        dataclasses.replace(middle, pair_starts="diagonal")
-
-
-def test_pair_starts_change_positions_only() -> None:
-    middle, apart = ShapesDataset(2, 64, 64), ShapesDataset(2, 64, 64, pair_starts="apart")
-    crossing = 0
-    for i in range(40):
-        clip = middle.clip(i)
-        assert apart.clip(i).prompt == clip.prompt
-        axes = {bool(DIRECTIONS[o.direction][0]) for o in clip.objects}
-        is_crossing = len(clip.objects) == 2 and len(axes) == 2
-        crossing += is_crossing
-        assert np.array_equal(apart.frames(i, 5), middle.frames(i, 5)) != is_crossing, clip.prompt
-    assert crossing > 0

@@ -293,8 +293,6 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     assert "--smear-share: --vae-only trains no DiT" in capsys.readouterr().err
     assert main(["train-tiny", "--out", str(tmp_path / "w"), "--vae-only", "--two-object-share", "0.5"]) == 2
     assert "--two-object-share: --vae-only trains no DiT" in capsys.readouterr().err
-    assert main(["train-tiny", "--out", str(tmp_path / "w"), "--vae-only", "--pair-starts", "apart"]) == 2
-    assert "--pair-starts: --vae-only trains no DiT" in capsys.readouterr().err
     assert main(["train-tiny", "--out", str(tmp_path / "w"), "--dilate-share", "0.5"]) == 2
     assert "--dilate-share: dilates a share of the smeared contexts, so it needs --smear-share" in (
         capsys.readouterr().err)
@@ -328,18 +326,17 @@ def test_a_vae_trained_alone_is_reused_by_the_dit_run(tmp_path: Path, capsys) ->
     assert main(["train-tiny", "--out", str(tuned), "--finetune-from", str(out), "--seed", "5",
                  "--dit-steps", "2", "--clips", "2", "--batch", "1", "--smear-share", "0.5",
                  "--dilate-share", "0.25", "--fade-share", "0.3", "--smear-each", "--two-object-share", "0.4",
-                 "--pair-starts", "apart", "--window-blocks", "3"]) == 0
+                 "--window-blocks", "3"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["dit_steps"] == 2
     tuned_record = json.loads((tuned / "train_tiny.json").read_text())
     assert tuned_record["reproduce"] == (
         f"{record['reproduce']} && rollcast train-tiny --out TUNED_DIR_1 --seed 5 --finetune-from DIR "
         "--dit-steps 2 --clips 2 --batch 1 --smear-share 0.5 --dilate-share 0.25 --fade-share 0.3 "
-        "--two-object-share 0.4 --smear-each --pair-starts apart --window-blocks 3")
+        "--two-object-share 0.4 --smear-each --window-blocks 3")
     config = tuned_record["config"]
     assert config["own_context_after"] == 0.0 and config["smear_share"] == 0.5
     assert config["dilate_share"] == 0.25 and config["two_object_share"] == 0.4
     assert config["fade_share"] == 0.3 and config["smear_each"] is True
-    assert config["pair_starts"] == "apart"
     assert config["window_blocks"] == 3 and config["rollout_passes"] == 4  # rollouts as deep as the window
     base_dit = (out / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (tuned / "diffusion_pytorch_model.safetensors").read_bytes() != base_dit

@@ -10,8 +10,7 @@ detector (`shape_detector.py`) scores generated videos against the attributes a 
 
 A lone object starts at the centre, two on their own lanes (`start_point`), up to a small jitter.
 That keeps the first frames nearly determined by the prompt, which is what a one-step sampler (it
-predicts the mean clip for a prompt) needs to draw a sharp object. With `pair_starts="apart"` a
-pair moving on crossing axes starts diagonally apart instead of overlapping at frame 0.
+predicts the mean clip for a prompt) needs to draw a sharp object.
 """
 
 from __future__ import annotations
@@ -40,10 +39,6 @@ SPEEDS: dict[str, float] = {"slowly": 1 / 64, "quickly": 1 / 32}
 # Object half-extent as a fraction of the shorter side (16 px at 128x128).
 SIZE = 0.125
 JITTER = 0.03  # start-position jitter, fraction of the shorter side
-# Where a pair moving on crossing axes (one along x, one along y) starts: "middle", both in the
-# middle along their motion (they then overlap at frame 0, 11 px apart on each axis for 8 px
-# objects at 64x64); "apart", each beyond the other's lane, diagonally apart.
-PAIR_STARTS = ("middle", "apart")
 FUNCTION_WORDS = ("a", "an", "moving", "and", "on", "background")
 VOCABULARY: tuple[str, ...] = (*FUNCTION_WORDS, *COLORS, *BACKGROUNDS, *SHAPES, *DIRECTIONS, *SPEEDS)
 
@@ -68,11 +63,6 @@ class Clip:
     background: str
     width: int = 128
     height: int = 128
-    pair_starts: str = "middle"  # one of PAIR_STARTS
-
-    def __post_init__(self) -> None:
-        if self.pair_starts not in PAIR_STARTS:
-            raise ValueError(f"pair_starts must be one of {PAIR_STARTS}, got {self.pair_starts!r}")
 
     @property
     def prompt(self) -> str:
@@ -87,7 +77,7 @@ class Clip:
 
 
 def sample_clip(rng: np.random.Generator, width: int = 128, height: int = 128,
-                two_objects: float = 0.25, pair_starts: str = "middle") -> Clip:
+                two_objects: float = 0.25) -> Clip:
     """Random attributes: one object, or two (probability `two_objects`) of different colours."""
     background = str(rng.choice(list(BACKGROUNDS)))
     n = 2 if rng.random() < two_objects else 1
@@ -98,7 +88,7 @@ def sample_clip(rng: np.random.Generator, width: int = 128, height: int = 128,
                     jitter=(float(rng.uniform(-JITTER, JITTER)), float(rng.uniform(-JITTER, JITTER))))
         for c in colors
     )
-    return Clip(objects, background, width, height, pair_starts)
+    return Clip(objects, background, width, height)
 
 
 def parse_prompt(prompt: str, width: int = 128, height: int = 128) -> Clip:
@@ -131,32 +121,19 @@ def _reflect(p: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarra
     return np.where(forward, lo + u, lo + 2 * span - u), np.where(forward, 1.0, -1.0)
 
 
-def _crossing(clip: Clip) -> bool:
-    """A pair whose objects move on different axes (one along x, the other along y)."""
-    if len(clip.objects) != 2:
-        return False
-    a, b = (DIRECTIONS[o.direction] for o in clip.objects)
-    return bool(a[0]) != bool(b[0])
-
-
 def start_point(clip: Clip, index: int) -> tuple[float, float]:
     """Object `index`'s position at frame 0: the middle of the frame along its motion, on lane
     (index + 1) / (n + 1) across it, plus its jitter. A lone object starts at the centre whatever
     its direction: the first block then depends on the prompt only through colour, shape and
     background, and direction only has to move it, relative to where it already is (a DiT with
     RoPE alone knows relative positions long before absolute ones; with direction-dependent
-    starts the first training run drew the mean of the four starts, a blob in the middle).
-    With `pair_starts="apart"`, an object of a crossing pair starts along its motion at 1 - the
-    other's lane instead (lanes 1/3 and 2/3: at (1/3, 1/3) and (2/3, 2/3)): from the middle they
-    overlap at frame 0, and models trained so drew such pairs glued into one blob."""
+    starts the first training run drew the mean of the four starts, a blob in the middle)."""
     obj = clip.objects[index]
     dx, dy = DIRECTIONS[obj.direction]
-    n = len(clip.objects)
-    lane = (index + 1) / (n + 1)
-    along = 1 - (n - index) / (n + 1) if clip.pair_starts == "apart" and _crossing(clip) else 0.5
+    lane = (index + 1) / (len(clip.objects) + 1)
     side = min(clip.width, clip.height)
-    x = clip.width * along if dx else clip.width * lane
-    y = clip.height * along if dy else clip.height * lane
+    x = clip.width * 0.5 if dx else clip.width * lane
+    y = clip.height * 0.5 if dy else clip.height * lane
     return x + obj.jitter[0] * side, y + obj.jitter[1] * side
 
 
@@ -210,17 +187,15 @@ def render(clip: Clip, start: int, frames: int) -> np.ndarray:
 class ShapesDataset:
     """Clip i of a seed, rendered on the fly: `clip(i)` is its attributes, `frames(i, ...)` pixels."""
 
-    def __init__(self, seed: int, width: int = 128, height: int = 128, two_objects: float = 0.25,
-                 pair_starts: str = "middle") -> None:
+    def __init__(self, seed: int, width: int = 128, height: int = 128, two_objects: float = 0.25) -> None:
         self.seed = seed
         self.width = width
         self.height = height
         self.two_objects = two_objects
-        self.pair_starts = pair_starts
 
     def clip(self, index: int) -> Clip:
         rng = np.random.default_rng([self.seed, index])
-        return sample_clip(rng, self.width, self.height, self.two_objects, self.pair_starts)
+        return sample_clip(rng, self.width, self.height, self.two_objects)
 
     def frames(self, index: int, frames: int, start: int = 0) -> np.ndarray:
         return render(self.clip(index), start, frames)

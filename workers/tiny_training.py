@@ -139,10 +139,6 @@ class TrainConfig:
     # Share of samples drawn from the two-object clips (a quarter of the dataset, and the prompts
     # that score worst: merged, bloated pairs). 0: clips drawn uniformly, no extra random numbers.
     two_object_share: float = 0.0
-    # Where crossing pairs start (`shapes_dataset.PAIR_STARTS`): "middle" overlaps them at frame 0,
-    # and run 19 drew such pairs glued into one blob, their colour 0.59 against 0.94 for pairs on
-    # one axis (docs/quality.md, session 20).
-    pair_starts: str = "middle"
     # Wall-clock limits (seconds; None: only the step counts stop training).
     vae_seconds: float | None = None
     dit_seconds: float | None = None
@@ -370,7 +366,7 @@ def latent_cells(obj: np.ndarray, stride: int = 8) -> Tensor:
 
 @torch.no_grad()
 def encode_clips(vae: TinyVAE, cfg: TrainConfig, batch: int = 8) -> LatentSet:
-    data = ShapesDataset(cfg.seed, cfg.width, cfg.height, pair_starts=cfg.pair_starts)
+    data = ShapesDataset(cfg.seed, cfg.width, cfg.height)
     frames = 1 + 4 * (cfg.clip_latents - 1)
     out, prompts, objects, each = [], [], [], []
     t = np.arange(frames)
@@ -829,7 +825,6 @@ def dit_args(steps: int, cfg: TrainConfig) -> str:
         ("smear_share", cfg.smear_share), ("dilate_share", cfg.dilate_share), ("fade_share", cfg.fade_share),
         ("two_object_share", cfg.two_object_share)) if value)
     shares += " --smear-each" if cfg.smear_each else ""
-    shares += f" --pair-starts {cfg.pair_starts}" if cfg.pair_starts != TrainConfig.pair_starts else ""
     window = (f" --window-blocks {cfg.window_blocks}"
               if cfg.window_blocks != TrainConfig.window_blocks else "")
     return f"--dit-steps {steps} --clips {cfg.clips} --batch {cfg.batch}{shares}{window}"
