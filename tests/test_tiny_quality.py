@@ -13,8 +13,9 @@ from rollcast.workers.cache_policy import CachePolicy
 from rollcast.workers.model_config import ModelConfig
 from rollcast.workers.model_files import SHIPPED_TINY_DIR, shipped_checkpoint
 from rollcast.workers.sampler import SamplerConfig
+from rollcast.workers.shapes_dataset import parse_prompt
 from rollcast.workers.stream_generator import WorkerSpec
-from rollcast.workers.tiny_eval import evaluate
+from rollcast.workers.tiny_eval import by_group, evaluate, pair_axes
 from rollcast.workers.tiny_training import RECORD_FILE
 from rollcast.workers.video_pipeline import PipelineSpec, VideoPipeline
 
@@ -41,6 +42,23 @@ def test_the_shipped_directory_is_small_and_says_how_it_was_made() -> None:
     assert record["reproduce"].count("--finetune-from") == tunes
 
 
+def test_pairs_are_grouped_by_whether_their_paths_cross() -> None:
+    prompts = ["a red circle moving up slowly on a black background",
+               "a cyan square moving right quickly and a green square moving down quickly on a black "
+               "background",
+               "a blue square moving left slowly and a red square moving right quickly on a gray background",
+               "a white circle moving up slowly and a blue triangle moving down slowly on a black background"]
+    groups = [pair_axes(parse_prompt(p)) for p in prompts]
+    assert groups == [None, "crossing", "one_axis", "one_axis"]
+    rows = [{"color": c, "direction": 1.0, "persistence": 1.0, "smoothness": 1.0}
+            for c in (1.0, 0.2, 0.9, 0.7)]
+    failures = [{"not_compact": n, "too_small": 1, "other_color": 0} for n in (0, 8, 1, 3)]
+    split = by_group(rows, groups, failures)
+    assert split["crossing"]["videos"] == 1 and split["crossing"]["color"] == 0.2
+    assert split["one_axis"]["videos"] == 2 and split["one_axis"]["color"] == 0.8
+    assert split["one_axis"]["color_failures"] == {"not_compact": 4, "too_small": 2, "other_color": 0}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("steps", [1, 4])
 def test_the_shipped_model_draws_the_prompted_colour(steps: int) -> None:
@@ -65,3 +83,7 @@ def test_the_shipped_model_draws_the_prompted_colour(steps: int) -> None:
     failing = round((1 - result["whole"]["color"]) * 8 * 48)
     assert sum(result["color_failures"].values()) == failing
     assert sum(sum(g["color_failures"].values()) for g in split.values()) == failing
+    # The pairs split by geometry cover every two-object prompt.
+    pairs = result["by_pair_axes"]
+    assert set(pairs) <= {"crossing", "one_axis"}
+    assert sum(g["videos"] for g in pairs.values()) == split.get("2", {"videos": 0})["videos"]
