@@ -91,9 +91,8 @@ def _sum_failures(rows: list[dict[str, int]]) -> dict[str, int]:
 def evaluate(pipeline: VideoPipeline, *, prompts: int, frames: int, seed: int = 0, steps: int | None = 1,
              horizons: tuple[int, ...] = (100, 1000, 5000), span: int = 100) -> dict[str, object]:
     """Mean scores over `prompts` held-out prompts: the whole video (also split by object count,
-    and the pairs by `pair_axes`),
-    the frames failing colour by reason, and the `span` frames ending at each horizon (what decays
-    over a long stream)."""
+    and the pairs by `pair_axes`), the frames failing colour by reason, and the `span` frames
+    ending at each horizon (what decays over a long stream)."""
     width, height = pipeline.resolution
     whole: list[dict[str, float]] = []
     clips = eval_clips(prompts, seed, width, height)
